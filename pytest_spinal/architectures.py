@@ -1,0 +1,156 @@
+"""Where each supported model family keeps its decoder, final normalisation and output head.
+
+The logit lens must apply the model's own final normalisation, output head and output
+processing (such as Gemma-2's final logit soft-capping) to intermediate hidden states, so each
+family is listed explicitly rather than guessed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from pytest_spinal.errors import UnsupportedModelError
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True)
+class FamilyLayout:
+    """Attribute paths of one model family, relative to the causal-LM wrapper."""
+
+    decoder: str
+    final_norm: str
+
+
+#: Model families whose logit lens is tested, keyed by ``config.model_type``. The output head is
+#: found through ``get_output_embeddings()``, which every transformers causal LM implements.
+FAMILIES: dict[str, FamilyLayout] = {
+    "llama": FamilyLayout(decoder="model", final_norm="model.norm"),
+    "mistral": FamilyLayout(decoder="model", final_norm="model.norm"),
+    "qwen2": FamilyLayout(decoder="model", final_norm="model.norm"),
+    "gemma2": FamilyLayout(decoder="model", final_norm="model.norm"),
+    "gpt2": FamilyLayout(decoder="transformer", final_norm="transformer.ln_f"),
+    "gpt_neox": FamilyLayout(decoder="gpt_neox", final_norm="gpt_neox.final_layer_norm"),
+}
+
+
+def supported_families() -> str:
+    """Return the supported ``model_type`` values as a comma-separated string."""
+    return ", ".join(sorted(FAMILIES))
+
+
+@dataclass
+class LogitLens:
+    """The parts of a causal LM that turn a hidden state into next-token log-probabilities."""
+
+    decoder: torch.nn.Module
+    final_norm: torch.nn.Module
+    head: torch.nn.Module
+    softcap: float | None
+    num_layers: int
+
+    def logits(self, states: torch.Tensor, *, normalised: bool) -> torch.Tensor:
+        """Return next-token logits for hidden states (... x d), in the model's dtype.
+
+        ``normalised`` says whether ``states`` already went through the final normalisation, as
+        the decoder's ``last_hidden_state`` has. Norm, head and soft-capping run as in the
+        model's own forward pass.
+        """
+        import torch
+
+        if not normalised:
+            states = self.final_norm(states)
+        logits = self.head(states)
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def log_probs(self, states: torch.Tensor, *, normalised: bool, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Return next-token log-probabilities in ``dtype`` (float32 by default, never narrower)."""
+        import torch
+
+        logits = self.logits(states, normalised=normalised)
+        return torch.log_softmax(logits.to(_metric_dtype(dtype)), dim=-1)
+
+    def root_probs(self, states: torch.Tensor, *, normalised: bool, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Return square roots of next-token probabilities, ``exp((logits - logsumexp) / 2)``.
+
+        This is what the Fisher-Rao distance consumes; computing it directly saves a pass over
+        the vocabulary compared with exponentiating log-probabilities.
+        """
+        import torch
+
+        logits = self.logits(states, normalised=normalised).to(_metric_dtype(dtype))
+        log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)
+        return logits.sub_(log_norm).mul_(0.5).exp_()
+
+
+def resolve_lens(model: torch.nn.Module) -> LogitLens:
+    """Find the decoder, final norm and output head of ``model``.
+
+    Raises:
+        UnsupportedModelError: for encoder-only or encoder-decoder models, models without an
+            output head, and families whose layout is not known.
+    """
+    class_name = type(model).__name__
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+
+    if config is None or getattr(config, "is_encoder_decoder", False) or not _is_causal_lm(model):
+        raise UnsupportedModelError(
+            f"{class_name} is not a decoder-only causal language model; pytest-spinal traces "
+            f"causal LMs (AutoModelForCausalLM) of these families: {supported_families()}"
+        )
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        raise UnsupportedModelError(
+            f"{class_name} has no output head (get_output_embeddings() returned None), so the "
+            f"logit lens cannot be formed; load the model with AutoModelForCausalLM"
+        )
+
+    layout = FAMILIES.get(model_type)
+    if layout is None:
+        raise UnsupportedModelError(
+            f"{class_name} (model_type {model_type!r}) is not a supported family: the logit lens "
+            f"needs its final normalisation, which is known for {supported_families()}"
+        )
+
+    final_norm = _get_path(model, layout.final_norm)
+    if final_norm is None:
+        raise UnsupportedModelError(
+            f"{class_name} has no final normalisation at {layout.final_norm!r}, where "
+            f"model_type {model_type!r} keeps it; supported families: {supported_families()}"
+        )
+
+    softcap = getattr(config, "final_logit_softcapping", None)
+    return LogitLens(
+        decoder=_get_path(model, layout.decoder),
+        final_norm=final_norm,
+        head=head,
+        softcap=float(softcap) if softcap else None,
+        num_layers=int(config.num_hidden_layers),
+    )
+
+
+def _metric_dtype(dtype: torch.dtype | None) -> torch.dtype:
+    import torch
+
+    return torch.promote_types(dtype or torch.float32, torch.float32)
+
+
+def _is_causal_lm(model: torch.nn.Module) -> bool:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return type(model).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+
+
+def _get_path(root: object, path: str) -> object | None:
+    node = root
+    for name in path.split("."):
+        node = getattr(node, name, None)
+        if node is None:
+            return None
+    return node

