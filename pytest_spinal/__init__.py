@@ -19,12 +19,18 @@ _LAZY = {
     "LoadedCheckpoint": "pytest_spinal.checkpoints",
     "load_probes": "pytest_spinal.probes",
     "ProbeSet": "pytest_spinal.probes",
+    "Tolerance": "pytest_spinal.tolerance",
+    "assert_trace_close": "pytest_spinal.compare",
+    "compare_traces": "pytest_spinal.compare",
+    "TraceComparison": "pytest_spinal.compare",
 }
 
 __all__ = ["__version__", *_LAZY]
 
 if TYPE_CHECKING:
     from pytest_spinal.checkpoints import LoadedCheckpoint, load_checkpoint
+    from pytest_spinal.compare import TraceComparison, assert_trace_close, compare_traces
+    from pytest_spinal.tolerance import Tolerance
     from pytest_spinal.probes import ProbeSet, load_probes
     from pytest_spinal.trace import DepthTrace, TraceSettings
     from pytest_spinal.tracing import trace_checkpoint

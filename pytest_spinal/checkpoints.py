@@ -27,6 +27,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 
+_FINGERPRINTS: dict[tuple, str] = {}
+
 CheckpointSource = Union[str, os.PathLike, "LoadedCheckpoint", tuple]
 
 
@@ -77,14 +79,12 @@ def load_checkpoint(source: CheckpointSource, *, device: str = "auto", dtype: st
         return _prepare_loaded(model, tokenizer, name=type(model).__name__, device=device, dtype=dtype)
 
     text = os.fspath(source)
-    path = package_checkpoint_path(text) if text.startswith(PACKAGE_PREFIX) else Path(text).expanduser()
-    if path.exists():
-        return _load_path(path, name=text, device=device, dtype=dtype)
-    if _looks_like_path(text):
-        raise CheckpointError(
-            f"checkpoint {text!r} not found: expected a folder with config.json and weights, or a .gguf file"
-        )
-    return _load_hub_id(text, device=device, dtype=dtype)
+    files = locate_checkpoint(text)
+    if files is None:
+        return _load_hub_id(text, device=device, dtype=dtype)
+
+    model, tokenizer = _from_pretrained(str(files.folder), gguf_file=files.gguf_file, dtype=dtype)
+    return _prepare_loaded(model, tokenizer, name=text, device=device, dtype=dtype, fingerprint=files.fingerprint)
 
 
 def package_checkpoint_path(spec: str) -> Path:
@@ -104,7 +104,23 @@ def package_checkpoint_path(spec: str) -> Path:
 
 
 def fingerprint_files(paths: list[Path]) -> str:
-    """Hash the names and contents of ``paths`` into ``sha256:<hex>``."""
+    """Hash the names and contents of ``paths`` into ``sha256:<hex>``.
+
+    Results are remembered for the process, keyed by each file's path, size and modification
+    time, so a session that traces one checkpoint many times reads its files once.
+    """
+    key = tuple((str(path.resolve()), *_stat_key(path)) for path in sorted(paths, key=lambda item: item.name))
+    if key not in _FINGERPRINTS:
+        _FINGERPRINTS[key] = _hash_files(paths)
+    return _FINGERPRINTS[key]
+
+
+def _stat_key(path: Path) -> tuple[int, int]:
+    status = path.stat()
+    return status.st_size, status.st_mtime_ns
+
+
+def _hash_files(paths: list[Path]) -> str:
     digest = hashlib.sha256()
     for path in sorted(paths, key=lambda item: item.name):
         digest.update(path.name.encode() + b"\0")
@@ -131,30 +147,52 @@ def _looks_like_path(text: str) -> bool:
     return text.startswith((".", "/", "~")) or text.endswith(".gguf") or text.count("/") != 1 or os.sep != "/" and os.sep in text
 
 
-def _load_path(path: Path, *, name: str, device: str, dtype: str) -> LoadedCheckpoint:
-    gguf_file = None
-    folder = path
+@dataclass(frozen=True)
+class CheckpointFiles:
+    """Where a local checkpoint's files are: the folder, its GGUF file if any, and its weights."""
+
+    folder: Path
+    gguf_file: str | None
+    weights: tuple[Path, ...]
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint_files(list(self.weights))
+
+
+def locate_checkpoint(source: str | os.PathLike) -> CheckpointFiles | None:
+    """Find a local checkpoint's files; return ``None`` for a hub id.
+
+    Raises:
+        CheckpointError: for a path that does not exist or holds no loadable checkpoint.
+    """
+    text = os.fspath(source)
+    path = package_checkpoint_path(text) if text.startswith(PACKAGE_PREFIX) else Path(text).expanduser()
+    if not path.exists():
+        if _looks_like_path(text):
+            raise CheckpointError(
+                f"checkpoint {text!r} not found: expected a folder with config.json and weights, or a .gguf file"
+            )
+        return None
+
     if path.is_file():
         if path.suffix != ".gguf":
             raise CheckpointError(f"checkpoint {str(path)!r} is a file but not a .gguf file; pass its folder instead")
-        folder, gguf_file = path.parent, path.name
-    elif not (path / "config.json").exists():
-        ggufs = sorted(path.glob("*.gguf"))
-        if len(ggufs) != 1:
-            raise CheckpointError(
-                f"checkpoint folder {str(path)!r} has no config.json and {len(ggufs)} .gguf files; "
-                f"it needs a Hugging Face config.json with weights, or exactly one .gguf file"
-            )
-        gguf_file = ggufs[0].name
+        return CheckpointFiles(folder=path.parent, gguf_file=path.name, weights=(path,))
+    if (path / "config.json").exists():
+        return CheckpointFiles(folder=path, gguf_file=None, weights=tuple(_weight_files(path)))
 
-    weights = [folder / gguf_file] if gguf_file else _weight_files(folder)
-    fingerprint = fingerprint_files(weights)
-    model, tokenizer = _from_pretrained(str(folder), gguf_file=gguf_file, dtype=dtype)
-    return _prepare_loaded(model, tokenizer, name=name, device=device, dtype=dtype, fingerprint=fingerprint)
+    ggufs = sorted(path.glob("*.gguf"))
+    if len(ggufs) != 1:
+        raise CheckpointError(
+            f"checkpoint folder {str(path)!r} has no config.json and {len(ggufs)} .gguf files; "
+            f"it needs a Hugging Face config.json with weights, or exactly one .gguf file"
+        )
+    return CheckpointFiles(folder=path, gguf_file=ggufs[0].name, weights=(ggufs[0],))
 
 
 def _weight_files(folder: Path) -> list[Path]:
-    files = [item for item in folder.iterdir() if item.suffix in _WEIGHT_SUFFIXES]
+    files = sorted(item for item in folder.iterdir() if item.suffix in _WEIGHT_SUFFIXES)
     if not files:
         raise CheckpointError(
             f"checkpoint folder {str(folder)!r} has a config.json but no weight files "

@@ -49,7 +49,7 @@ def format_table(trace: DepthTrace) -> str:
             continue
         layers = trace.band_layers(band)
         summary.append(
-            f"{band} band (layers {layers.start}-{layers.stop - 1}): mean contraction "
+            f"{band} band (layers {layers[0]}-{layers[-1]}): mean contraction "
             f"{means['contraction']:.4f}, mean transport {means['transport']:.4f}"
         )
     return table + "\n\n" + "\n".join(summary)

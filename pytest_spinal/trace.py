@@ -10,11 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from pytest_spinal.errors import TraceFileError
+from pytest_spinal.tolerance import BAND_NAMES, select_layers
 
 SCHEMA_VERSION = 1
-
-#: Names of the three depth bands used by derived figures, in order.
-BANDS = ("early", "middle", "late")
 
 
 @dataclass(frozen=True)
@@ -76,13 +74,9 @@ class DepthTrace:
         """Sum of transport over all layer pairs, in radians: the depth path's length."""
         return math.fsum(self.transport)
 
-    def band_layers(self, band: str) -> range:
-        """Return the decoder layers (1..L) of ``band``: early, middle or late third of the depth."""
-        if band not in BANDS:
-            raise ValueError(f"band {band!r} is unknown; use one of {', '.join(BANDS)}")
-        index = BANDS.index(band)
-        bounds = [round(self.num_layers * part / 3) for part in range(4)]
-        return range(bounds[index] + 1, bounds[index + 1] + 1)
+    def band_layers(self, band: str) -> list[int]:
+        """Return the decoder layers (1..L) of ``band``: the early, middle or late third of the depth."""
+        return select_layers(band, self.num_layers)
 
     def band_means(self) -> dict[str, dict[str, float | None]]:
         """Return mean contraction and transport per band (``None`` for a band with no layer).
@@ -91,7 +85,7 @@ class DepthTrace:
         band of layer l, so the embedding output (layer 0) is in no band.
         """
         means = {}
-        for band in BANDS:
+        for band in BAND_NAMES:
             layers = self.band_layers(band)
             if not layers:
                 means[band] = {"contraction": None, "transport": None}

@@ -1,0 +1,247 @@
+"""Compare a depth trace with a baseline: comparability first, then per-layer tolerances."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from pytest_spinal.errors import SpinalError
+from pytest_spinal.tolerance import LayerSelection, Tolerance, select_layers, tolerance_per_layer
+from pytest_spinal.trace import DepthTrace
+
+METRICS = ("contraction", "transport")
+
+#: Tolerances used where a comparison names none; the plugin replaces them with its ini settings.
+DEFAULT_TOLERANCES: dict[str, Tolerance] = {
+    "contraction": Tolerance(atol=0.02, rtol=0.03),
+    "transport": Tolerance(atol=0.02, rtol=0.03),
+}
+
+#: Called with every finished comparison; the pytest plugin uses it to report gates.
+comparison_listeners: list[Callable[[TraceComparison], None]] = []
+
+
+class TraceMismatch(SpinalError, AssertionError):
+    """Two traces cannot be compared: other probes, settings, layer count or model dtype."""
+
+
+class TraceDrift(AssertionError):
+    """A trace left its baseline's tolerance in at least one layer."""
+
+
+@dataclass(frozen=True)
+class LayerDelta:
+    """One metric at one layer: baseline, observed value and allowed change.
+
+    For transport, ``layer`` is the destination of the step, so layer l holds the transport from
+    layer l-1 to layer l and layer 0 has none.
+    """
+
+    metric: str
+    layer: int
+    baseline: float
+    observed: float
+    allowed: float
+    one_sided: bool
+
+    @property
+    def delta(self) -> float:
+        return self.observed - self.baseline
+
+    @property
+    def harmful(self) -> bool:
+        """Whether the change goes the harmful way: contraction down or transport up."""
+        return self.delta < 0 if self.metric == "contraction" else self.delta > 0
+
+    @property
+    def passed(self) -> bool:
+        if self.one_sided and not self.harmful:
+            return True
+        return abs(self.delta) <= self.allowed
+
+    @property
+    def excess(self) -> float:
+        """``|delta| / allowed``, or 0 for a harmless change under a one-sided tolerance; above 1 fails."""
+        if self.one_sided and not self.harmful:
+            return 0.0
+        return abs(self.delta) / self.allowed if self.allowed > 0 else math.inf
+
+    @property
+    def label(self) -> str:
+        return f"{self.layer - 1}->{self.layer}" if self.metric == "transport" else str(self.layer)
+
+
+@dataclass(frozen=True)
+class TraceComparison:
+    """Result of comparing an observed trace with a baseline, layer by layer."""
+
+    deltas: tuple[LayerDelta, ...]
+    tolerances: dict[str, str]
+    baseline_name: str
+    checkpoint: str
+    context: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def failures(self) -> list[LayerDelta]:
+        return [delta for delta in self.deltas if not delta.passed]
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    @property
+    def worst(self) -> LayerDelta | None:
+        """The layer whose change uses the largest share of its allowed change."""
+        return max(self.deltas, key=lambda delta: delta.excess, default=None)
+
+
+def check_comparable(observed: DepthTrace, expected: DepthTrace) -> list[str]:
+    """List what makes two traces incomparable; an empty list means they can be compared."""
+    differences = []
+    if observed.probes.get("fingerprint") != expected.probes.get("fingerprint"):
+        differences.append(
+            f"probe token ids differ: baseline {_short(expected.probes.get('fingerprint'))} "
+            f"({expected.probes.get('prompts')} prompts, {expected.probes.get('tokens')} tokens, "
+            f"source {expected.probes.get('source')!r}), trace {_short(observed.probes.get('fingerprint'))} "
+            f"({observed.probes.get('prompts')} prompts, {observed.probes.get('tokens')} tokens, "
+            f"source {observed.probes.get('source')!r})"
+        )
+    for name, value in expected.settings.to_json().items():
+        other = observed.settings.to_json()[name]
+        if other != value:
+            differences.append(f"setting {name} differs: baseline {value!r}, trace {other!r}")
+    if observed.num_layers != expected.num_layers:
+        differences.append(f"layer count differs: baseline {expected.num_layers} layers, trace {observed.num_layers}")
+    if observed.checkpoint.get("dtype") != expected.checkpoint.get("dtype"):
+        differences.append(
+            f"model dtype differs: baseline {expected.checkpoint.get('dtype')}, trace {observed.checkpoint.get('dtype')}"
+        )
+    return differences
+
+
+def compare_traces(
+    observed: DepthTrace,
+    expected: DepthTrace,
+    *,
+    contraction: Tolerance | Sequence[Tolerance] | None = None,
+    transport: Tolerance | Sequence[Tolerance] | None = None,
+    layers: LayerSelection = None,
+    baseline_name: str = "baseline",
+) -> TraceComparison:
+    """Compare ``observed`` with ``expected`` per layer.
+
+    Explicit tolerances override the defaults for the layers they cover. ``layers`` limits the
+    comparison to some layer numbers (a band name, slice, range or list).
+
+    Raises:
+        TraceMismatch: when the traces are not comparable (see :func:`check_comparable`).
+    """
+    differences = check_comparable(observed, expected)
+    if differences:
+        raise TraceMismatch(_mismatch_message(differences, baseline_name))
+
+    compared = set(select_layers(layers, expected.num_layers))
+    requested = {"contraction": contraction, "transport": transport}
+    deltas = []
+    descriptions = {}
+    for metric in METRICS:
+        chosen = _with_default(metric, requested[metric])
+        per_layer = tolerance_per_layer(chosen, expected.num_layers)
+        descriptions[metric] = "; ".join(_describe(tolerance) for tolerance in chosen)
+        deltas.extend(_metric_deltas(metric, observed, expected, per_layer, compared))
+
+    return TraceComparison(
+        deltas=tuple(deltas),
+        tolerances=descriptions,
+        baseline_name=baseline_name,
+        checkpoint=str(observed.checkpoint.get("name", "?")),
+    )
+
+
+def assert_trace_close(
+    observed: DepthTrace,
+    expected: DepthTrace,
+    *,
+    contraction: Tolerance | Sequence[Tolerance] | None = None,
+    transport: Tolerance | Sequence[Tolerance] | None = None,
+    layers: LayerSelection = None,
+    baseline_name: str = "baseline",
+    update_hint: str | None = None,
+) -> TraceComparison:
+    """Fail with a release-manager message when ``observed`` left the tolerance of ``expected``.
+
+    Returns the comparison when every compared layer is within tolerance.
+
+    Raises:
+        TraceMismatch: the traces are not comparable (other probes, settings, layers or dtype).
+        TraceDrift: at least one layer is out of tolerance.
+    """
+    __tracebackhide__ = True
+    from pytest_spinal.report import format_failure
+
+    comparison = compare_traces(
+        observed, expected, contraction=contraction, transport=transport, layers=layers, baseline_name=baseline_name
+    )
+    for listener in comparison_listeners:
+        listener(comparison)
+    if not comparison.passed:
+        raise TraceDrift(format_failure(comparison, update_hint=update_hint))
+    return comparison
+
+
+def _with_default(metric: str, requested: Tolerance | Sequence[Tolerance] | None) -> list[Tolerance]:
+    default = DEFAULT_TOLERANCES[metric]
+    if requested is None:
+        return [default]
+    if isinstance(requested, Tolerance):
+        requested = [requested]
+    requested = list(requested)
+    if any(tolerance.layers is None for tolerance in requested):
+        return requested
+    return [default, *requested]
+
+
+def _metric_deltas(
+    metric: str, observed: DepthTrace, expected: DepthTrace, per_layer: dict[int, Tolerance], compared: set[int]
+) -> list[LayerDelta]:
+    deltas = []
+    first_layer = 0 if metric == "contraction" else 1
+    expected_values = getattr(expected, metric)
+    observed_values = getattr(observed, metric)
+    for index, baseline in enumerate(expected_values):
+        layer = index + first_layer
+        if layer not in compared:
+            continue
+        tolerance = per_layer[layer]
+        deltas.append(
+            LayerDelta(
+                metric=metric,
+                layer=layer,
+                baseline=baseline,
+                observed=observed_values[index],
+                allowed=tolerance.allowed(baseline),
+                one_sided=tolerance.one_sided,
+            )
+        )
+    return deltas
+
+
+def _describe(tolerance: Tolerance) -> str:
+    scope = "" if tolerance.layers is None else f" on layers {tolerance.layers!r}"
+    return tolerance.describe() + scope
+
+
+def _mismatch_message(differences: list[str], baseline_name: str) -> str:
+    lines = [f"{baseline_name} is not comparable with this trace, so no drift was measured:"]
+    lines += [f"  - {difference}" for difference in differences]
+    lines.append(
+        "Trace with the baseline's probes and settings, or re-record the baseline if the change "
+        "of probes or settings is intended (pytest --spinal-update)."
+    )
+    return "\n".join(lines)
+
+
+def _short(fingerprint: Any) -> str:
+    text = str(fingerprint)
+    return text[:19] + "..." if len(text) > 19 else text
