@@ -27,7 +27,7 @@ def name_for_node(nodeid: str) -> str:
 
 
 def ci_is_set() -> bool:
-    """Whether the ``CI`` environment variable is set to anything but empty, 0 or false."""
+    """Return whether the ``CI`` environment variable is set to anything but empty, 0 or false."""
     return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 
 

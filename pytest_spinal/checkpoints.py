@@ -6,7 +6,7 @@ import hashlib
 import importlib.util
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
@@ -36,8 +36,8 @@ CheckpointSource = Union[str, os.PathLike, "LoadedCheckpoint", tuple]
 class LoadedCheckpoint:
     """A causal LM and its tokenizer, ready to trace, with where they came from."""
 
-    model: Any
-    tokenizer: Any
+    model: Any = field(repr=False)
+    tokenizer: Any = field(repr=False)
     name: str
     fingerprint: str
 
@@ -71,7 +71,9 @@ def load_checkpoint(source: CheckpointSource, *, device: str = "auto", dtype: st
     is passed to ``from_pretrained`` as a hub id, which needs a network.
     """
     if isinstance(source, LoadedCheckpoint):
-        return _prepare_loaded(source.model, source.tokenizer, name=source.name, device=device, dtype=dtype)
+        return _prepare_loaded(
+            source.model, source.tokenizer, name=source.name, device=device, dtype=dtype, fingerprint=source.fingerprint
+        )
     if isinstance(source, tuple):
         if len(source) != 2:
             raise CheckpointError(f"a loaded checkpoint is a (model, tokenizer) pair, got a tuple of {len(source)}")
@@ -149,7 +151,7 @@ def _looks_like_path(text: str) -> bool:
 
 @dataclass(frozen=True)
 class CheckpointFiles:
-    """Where a local checkpoint's files are: the folder, its GGUF file if any, and its weights."""
+    """Location of a local checkpoint: its folder, its GGUF file if any, and its weight files."""
 
     folder: Path
     gguf_file: str | None
@@ -164,7 +166,7 @@ def locate_checkpoint(source: str | os.PathLike) -> CheckpointFiles | None:
     """Find a local checkpoint's files; return ``None`` for a hub id.
 
     Raises:
-        CheckpointError: for a path that does not exist or holds no loadable checkpoint.
+        CheckpointError: for a path that does not exist or contains no loadable checkpoint.
     """
     text = os.fspath(source)
     path = package_checkpoint_path(text) if text.startswith(PACKAGE_PREFIX) else Path(text).expanduser()

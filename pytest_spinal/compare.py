@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from pytest_spinal.errors import SpinalError
@@ -34,7 +34,7 @@ class TraceDrift(AssertionError):
 class LayerDelta:
     """One metric at one layer: baseline, observed value and allowed change.
 
-    For transport, ``layer`` is the destination of the step, so layer l holds the transport from
+    For transport, ``layer`` is the destination of the step, so layer l has the transport from
     layer l-1 to layer l and layer 0 has none.
     """
 
@@ -80,7 +80,6 @@ class TraceComparison:
     tolerances: dict[str, str]
     baseline_name: str
     checkpoint: str
-    context: dict[str, Any] = field(default_factory=dict)
 
     @property
     def failures(self) -> list[LayerDelta]:

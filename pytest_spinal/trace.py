@@ -121,7 +121,7 @@ class DepthTrace:
         try:
             return json.dumps(self.to_json(), indent=2, allow_nan=False) + "\n"
         except ValueError as error:
-            raise TraceFileError(f"depth trace holds NaN or infinity and cannot be written as JSON: {error}") from None
+            raise TraceFileError(f"depth trace contains NaN or infinity, which JSON cannot represent: {error}") from None
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the trace to ``path`` atomically (temporary file in the same folder, then rename)."""
@@ -220,7 +220,8 @@ def _check_shape(trace: DepthTrace) -> None:
     for index, row in enumerate(trace.transport_per_prompt):
         if len(row) != layers:
             raise ValueError(f"transport_per_prompt[{index}] has {len(row)} values but needs {layers}")
-    for name, values in (("contraction", trace.contraction), ("transport", trace.transport)):
+    rows = [(f"transport_per_prompt[{index}]", row) for index, row in enumerate(trace.transport_per_prompt)]
+    for name, values in [("contraction", trace.contraction), ("transport", trace.transport), *rows]:
         for index, value in enumerate(values):
             if not math.isfinite(value):
-                raise ValueError(f"{name}[{index}] is {value!r}; a depth trace holds finite numbers only")
+                raise ValueError(f"{name}[{index}] is {value!r}; every value of a depth trace must be finite")
