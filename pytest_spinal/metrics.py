@@ -67,13 +67,7 @@ def tail_exponent(values: torch.Tensor, *, window: tuple[float, float], shape: t
     first, last = tail_window(rank, window)
     points = last - first + 1
     if points < MIN_WINDOW_POINTS:
-        needed = _rank_needed(window)
-        raise TraceError(
-            f"the contraction tail window {window} holds {max(points, 0)} singular values "
-            f"(numerical rank {rank} of a {shape[0]} x {shape[1]} hidden-state matrix), "
-            f"but a slope fit needs at least {MIN_WINDOW_POINTS}; use a probe set with at least "
-            f"{needed} real tokens (and a hidden size of at least {needed}), or widen the window"
-        )
+        raise TraceError(_window_too_small(points, rank=rank, shape=shape, window=window))
 
     ranks = torch.arange(first, last + 1, dtype=torch.float64)
     log_rank = ranks.log()
@@ -86,6 +80,23 @@ def tail_exponent(values: torch.Tensor, *, window: tuple[float, float], shape: t
 def contraction(states: torch.Tensor, *, window: tuple[float, float] = (0.5, 0.9)) -> float:
     """Compute the contraction score of one layer's real-token hidden states (N x d)."""
     return tail_exponent(singular_values(states), window=window, shape=(states.shape[0], states.shape[1]))
+
+
+def _window_too_small(points: int, *, rank: int, shape: tuple[int, int], window: tuple[float, float]) -> str:
+    needed = _rank_needed(window)
+    summary = (
+        f"the contraction tail window {window} contains {max(points, 0)} singular values "
+        f"(numerical rank {rank} of a {shape[0]} x {shape[1]} hidden-state matrix), "
+        f"but a slope fit needs at least {MIN_WINDOW_POINTS}"
+    )
+    if shape[1] < needed:
+        return f"{summary}; the hidden size {shape[1]} is too small for this window: widen it"
+    if shape[0] < needed:
+        return f"{summary}; use a probe set with at least {needed} real tokens, or widen the window"
+    return (
+        f"{summary}; the {shape[0]} token states span too few directions (rank {rank}, "
+        f"{needed} needed): use more varied prompts, positions='all' rather than 'last', or a wider window"
+    )
 
 
 def _rank_needed(window: tuple[float, float]) -> int:
@@ -120,4 +131,6 @@ def fisher_rao_from_roots(root_p: torch.Tensor, root_q: torch.Tensor) -> torch.T
     Tracing keeps ``sqrt(p)`` of each layer so that every layer's lens is exponentiated once.
     """
     chord = torch.linalg.vector_norm(root_p - root_q, dim=-1)
-    return 4.0 * torch.asin((chord * 0.5).clamp(max=1.0))
+
+    # Rounding can push 4 * asin(1) a hair above pi; the distance is bounded by pi.
+    return (4.0 * torch.asin((chord * 0.5).clamp(max=1.0))).clamp(max=math.pi)

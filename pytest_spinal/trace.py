@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -96,6 +97,11 @@ class DepthTrace:
             }
         return means
 
+    def checksum(self) -> str:
+        """``sha256:<hex>`` of the profiles, so that a hand edit of any value is detected on read."""
+        payload = json.dumps([self.contraction, self.transport, self.transport_per_prompt], separators=(",", ":"))
+        return "sha256:" + hashlib.sha256(payload.encode()).hexdigest()
+
     def derived(self) -> dict[str, Any]:
         """Return the figures derived from the profiles, as written to JSON."""
         return {"path_length": self.path_length, "band_means": self.band_means()}
@@ -109,6 +115,7 @@ class DepthTrace:
             "transport": list(self.transport),
             "transport_per_prompt": [list(row) for row in self.transport_per_prompt],
             "derived": self.derived(),
+            "checksum": self.checksum(),
             "settings": self.settings.to_json(),
             "probes": dict(self.probes),
             "checkpoint": dict(self.checkpoint),
@@ -168,10 +175,10 @@ class DepthTrace:
 
         if data.get("num_layers") != trace.num_layers:
             raise TraceFileError(f"{source}: num_layers is {data.get('num_layers')!r} but transport has {trace.num_layers} values")
-        if data.get("derived") != trace.derived():
+        if data.get("derived") != trace.derived() or data.get("checksum") != trace.checksum():
             raise TraceFileError(
-                f"{source}: the derived figures do not match the profiles, so the file was edited by "
-                f"hand or is corrupt; re-record it"
+                f"{source}: the checksum or derived figures do not match the profiles, so the file "
+                f"was edited by hand or is corrupt; re-record it"
             )
         return trace
 

@@ -212,6 +212,23 @@ def test_hand_edited_transport():
         DepthTrace.loads(edited_text(edit_first_pair))
 
 
+def test_hand_edited_embedding_contraction():
+    # Layer 0 is in no band, so only the checksum catches this edit.
+    def edit_embedding_layer(data):
+        data["contraction"][0] += 0.01
+
+    with pytest.raises(TraceFileError, match="edited by hand or is corrupt"):
+        DepthTrace.loads(edited_text(edit_embedding_layer))
+
+
+def test_hand_edited_per_prompt_transport():
+    def edit_one_prompt(data):
+        data["transport_per_prompt"][1][2] += 0.01
+
+    with pytest.raises(TraceFileError, match="edited by hand or is corrupt"):
+        DepthTrace.loads(edited_text(edit_one_prompt))
+
+
 def test_json_array_rejected():
     with pytest.raises(TraceFileError, match="a depth trace is a JSON object, got list"):
         DepthTrace.loads("[1, 2, 3]")

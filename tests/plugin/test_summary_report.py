@@ -157,3 +157,11 @@ def test_junit_records_baseline_path(report_project):
     properties = junit_properties(report_project.path / "report.xml", "test_steady")
     baseline = str(report_project.path / "baselines" / "test_report" / "test_steady.json")
     assert {"path": baseline, "action": "compared"} in properties["spinal_baseline"]
+
+
+def test_nested_session_keeps_gates_inside(report_project, request):
+    # pytester runs the inner session in this process; its gates belong to its own tests only.
+    report_project.runpytest()
+
+    outer_gates = [value for name, value in request.node.user_properties if name == "spinal_gate"]
+    assert outer_gates == []
