@@ -1,10 +1,11 @@
-"""The ``spinal`` command: trace a checkpoint and print or save its depth trace."""
+"""The ``spinal`` command: trace a checkpoint, and print, save, plot or compare depth traces."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from pytest_spinal import __version__
@@ -12,6 +13,7 @@ from pytest_spinal.checkpoints import DEFAULT_CHECKPOINT
 from pytest_spinal.errors import SpinalError
 
 if TYPE_CHECKING:
+    from pytest_spinal.plots import TracePlot
     from pytest_spinal.trace import DepthTrace
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -86,7 +88,32 @@ def _build_parser() -> argparse.ArgumentParser:
     trace.add_argument("--metric-dtype", default="float32", choices=("float32", "float64"), help="dtype of the logit-lens softmax and distances (default: float32)")
     trace.add_argument("--no-chat-template", action="store_true", help="tokenise prompts as plain text even when the tokenizer has a chat template")
     trace.set_defaults(handler=_run_trace)
+    _add_plot_commands(commands)
     return parser
+
+
+def _add_plot_commands(commands: argparse._SubParsersAction) -> None:
+    plot = commands.add_parser("plot", help="draw a trace, or a trace against a baseline, as a PNG (needs matplotlib)")
+    plot.add_argument("trace", help="depth trace JSON file, as written by spinal trace --out")
+    plot.add_argument("baseline", nargs="?", default=None, help="baseline trace JSON file to draw the trace against")
+    plot.add_argument("--out", default=None, help="PNG file to write (default: the trace's path with .png in place of its suffix)")
+    plot.add_argument("--atol", type=float, default=0.02, help="absolute tolerance of both metrics against the baseline (default: 0.02)")
+    plot.add_argument("--rtol", type=float, default=0.03, help="tolerance of both metrics relative to |baseline| (default: 0.03)")
+    plot.set_defaults(handler=_run_plot)
+
+    compare = commands.add_parser(
+        "compare", help="print the per-layer difference of two traces and which third of the depth holds it"
+    )
+    compare.add_argument("first", metavar="A", help="first depth trace JSON file, e.g. the base checkpoint")
+    compare.add_argument("second", metavar="B", help="second depth trace JSON file, e.g. the aligned checkpoint; differences are B - A")
+    compare.add_argument("--out", default=None, help="also draw both traces and their difference into this PNG file (needs matplotlib)")
+    compare.add_argument("--labels", nargs=2, default=None, metavar=("A", "B"), help="names of the traces in the output (default: the file paths)")
+    compare.add_argument(
+        "--force",
+        action="store_true",
+        help="compare traces made with other probes, settings or model dtype; their differences then mix model and input changes",
+    )
+    compare.set_defaults(handler=_run_compare)
 
 
 def _run_trace(arguments: argparse.Namespace) -> int:
@@ -120,6 +147,79 @@ def _run_trace(arguments: argparse.Namespace) -> int:
     if arguments.out:
         path = trace.save(arguments.out)
         print(f"wrote {path}")
+    return 0
+
+
+def _run_plot(arguments: argparse.Namespace) -> int:
+    from pytest_spinal.compare import compare_traces
+    from pytest_spinal.plots import draw_comparison, draw_trace, require_matplotlib
+    from pytest_spinal.report import headline
+    from pytest_spinal.tolerance import Tolerance
+    from pytest_spinal.trace import DepthTrace
+
+    require_matplotlib()
+    try:
+        tolerance = Tolerance(atol=arguments.atol, rtol=arguments.rtol)
+    except ValueError as error:
+        print(f"spinal: error: {error}", file=sys.stderr)
+        return 2
+
+    trace = DepthTrace.load(arguments.trace)
+    if arguments.baseline is None:
+        plot = draw_trace(trace)
+    else:
+        baseline = DepthTrace.load(arguments.baseline)
+        comparison = compare_traces(
+            trace, baseline, contraction=tolerance, transport=tolerance, baseline_name=f"baseline {arguments.baseline}"
+        )
+        plot = draw_comparison(comparison)
+        if comparison.passed:
+            print(f"{arguments.trace} is within tolerance of {arguments.baseline} in every layer ({tolerance.describe()})")
+        else:
+            print(headline(comparison))
+
+    out = Path(arguments.out) if arguments.out else Path(arguments.trace).with_suffix(".png")
+    return _save_plot(plot, out)
+
+
+def _run_compare(arguments: argparse.Namespace) -> int:
+    from pytest_spinal.compare import check_comparable
+    from pytest_spinal.difference import format_difference
+    from pytest_spinal.plots import draw_pair, require_matplotlib
+    from pytest_spinal.trace import DepthTrace
+
+    if arguments.out:
+        require_matplotlib()
+    first = DepthTrace.load(arguments.first)
+    second = DepthTrace.load(arguments.second)
+
+    differences = check_comparable(second, first)
+    if differences:
+        listing = "\n".join(f"  - {difference}" for difference in differences)
+        heading = f"{arguments.second} is not comparable with {arguments.first} (below, A is the baseline and B the trace):"
+        if not arguments.force:
+            print(
+                f"spinal: error: {heading}\n{listing}\n"
+                "Trace both checkpoints with the same probes and settings, or pass --force to compare them anyway.",
+                file=sys.stderr,
+            )
+            return 2
+        print(f"spinal: warning: {heading}\n{listing}\nCompared anyway because of --force.", file=sys.stderr)
+
+    labels = tuple(arguments.labels) if arguments.labels else (arguments.first, arguments.second)
+    print(format_difference(first, second, labels))
+    if not arguments.out:
+        return 0
+    return _save_plot(draw_pair(first, second, labels=labels), Path(arguments.out))
+
+
+def _save_plot(plot: TracePlot, out: Path) -> int:
+    try:
+        path = plot.save(out)
+    except OSError as error:
+        print(f"spinal: error: writing {out} failed: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
     return 0
 
 

@@ -65,6 +65,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         dest="spinal_prune",
         help="delete baseline files that no test used; acts only after a full, passing run of the suite",
     )
+    group.addoption(
+        "--spinal-report",
+        dest="spinal_report",
+        default=None,
+        metavar="DIR",
+        help="write DIR/index.html with every gate's summary and a PNG per gate comparison (PNGs need matplotlib)",
+    )
 
     parser.addini("spinal_baseline_dir", "folder of baseline JSON files, relative to the rootdir", default="baselines")
     parser.addini("spinal_device", "torch device for tracing: auto, cpu, cuda or cuda:N", default="auto")
@@ -100,6 +107,7 @@ def pytest_configure(config: pytest.Config) -> None:
         dtype=config.option.spinal_dtype or config.getini("spinal_dtype"),
         probes=probes,
         rootpath=rootpath,
+        report_dir=_report_dir(config.option.spinal_report),
     )
     config.stash[_SESSION_KEY] = session
 
@@ -145,6 +153,19 @@ class _SessionHooks:
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         self.session.collect(report)
 
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        # Runs before the terminal summary, and under pytest-xdist after every worker's reports arrived.
+        if self.session.report_dir is None or hasattr(session.config, "workerinput"):
+            return
+        from pytest_spinal.html_report import write_index
+
+        try:
+            index = write_index(self.session.report_dir, self.session.gates)
+        except OSError as error:
+            self.session.report_line = f"report: writing {self.session.report_dir / 'index.html'} failed: {error}"
+        else:
+            self.session.report_line = f"report: {index}"
+
     def pytest_terminal_summary(self, terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
         if hasattr(config, "workerinput"):
             return
@@ -170,6 +191,15 @@ def spinal_baseline(request: pytest.FixtureRequest) -> GateBaseline:
     gate = GateBaseline(session, request.node.nodeid)
     session.record(BASELINE_PROPERTY, {"path": str(gate.path.resolve()), "action": "referenced"})
     return gate
+
+
+def _report_dir(option: str | None) -> Path | None:
+    if not option:
+        return None
+    directory = Path(option).resolve()
+    if directory.exists() and not directory.is_dir():
+        raise pytest.UsageError(f"--spinal-report {option} is a file, but the report needs a folder: give another path")
+    return directory
 
 
 def _ini_float(config: pytest.Config, name: str) -> float:

@@ -43,6 +43,9 @@ class SpinalSession:
     traces: dict[tuple, DepthTrace] = field(default_factory=dict)
     current_item: Any = None
     previous_tolerances: dict[str, Tolerance] = field(default_factory=dict)
+    # Folder of --spinal-report, and the summary line saying where its index.html went.
+    report_dir: Path | None = None
+    report_line: str | None = None
 
     # Gathered from test reports; complete only in the process that prints the summary.
     gates: list[dict[str, Any]] = field(default_factory=list)
@@ -58,16 +61,20 @@ class SpinalSession:
 
     def on_comparison(self, comparison: TraceComparison) -> None:
         worst = comparison.worst
-        self.record(
-            GATE_PROPERTY,
-            {
-                "checkpoint": comparison.checkpoint,
-                "baseline": comparison.baseline_name,
-                "worst_layer": f"{worst.metric} {worst.label}" if worst else "",
-                "worst_excess": round(worst.excess, 4) if worst else 0.0,
-                "verdict": "passed" if comparison.passed else "failed",
-            },
-        )
+        record = {
+            "checkpoint": comparison.checkpoint,
+            "baseline": comparison.baseline_name,
+            "worst_layer": f"{worst.metric} {worst.label}" if worst else "",
+            "worst_excess": round(worst.excess, 4) if worst else 0.0,
+            "verdict": "passed" if comparison.passed else "failed",
+        }
+        if self.report_dir is not None and self.current_item is not None:
+            from pytest_spinal.html_report import render_gate
+
+            nodeid = self.current_item.nodeid
+            self._comparisons_per_test[nodeid] += 1
+            record.update(render_gate(self.report_dir, nodeid, self._comparisons_per_test[nodeid], comparison))
+        self.record(GATE_PROPERTY, record)
 
     def collect(self, report: pytest.TestReport) -> None:
         """Fold one report's records into the session totals (deduplicated across phases)."""
@@ -90,6 +97,7 @@ class SpinalSession:
 
     def __post_init__(self) -> None:
         self._seen: set[tuple] = set()
+        self._comparisons_per_test: Counter = Counter()
 
 
 class TraceFactory:

@@ -23,6 +23,8 @@ def write_summary(reporter: Any, config: pytest.Config, session: SpinalSession) 
     """Write the spinal block: gates, baselines written, traces computed, unused baselines."""
     lines = _gate_lines(session) + _baseline_lines(session) + _trace_lines(session)
     lines += _unused_lines(reporter, config, session)
+    if session.report_line is not None:
+        lines.append(session.report_line)
     if not lines:
         return
     reporter.write_sep("=", "spinal")
