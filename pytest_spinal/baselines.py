@@ -19,11 +19,15 @@ class BaselineMissing(AssertionError):
 
 
 def name_for_node(nodeid: str) -> str:
-    """Derive a baseline name from a test id: ``tests/test_gate.py::test_a[x]`` becomes ``test_gate/test_a-x``."""
+    """Derive a baseline name from a test id: ``tests/test_gate.py::test_a[x]`` becomes ``tests/test_gate/test_a-x``.
+
+    The module's whole path (relative to the rootdir, as in the test id) is kept, so that test
+    modules of the same name in different folders get different baselines.
+    """
     path, _, test = nodeid.partition("::")
-    module = Path(path).stem or "tests"
+    module = [_safe(part) for part in Path(path).with_suffix("").parts if part not in ("", ".", "..")] or ["tests"]
     test = test.replace("::", ".").replace("[", "-").replace("]", "")
-    return f"{_safe(module)}/{_safe(test)}"
+    return "/".join([*module, _safe(test)])
 
 
 def ci_is_set() -> bool:

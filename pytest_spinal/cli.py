@@ -170,7 +170,7 @@ def _run_plot(arguments: argparse.Namespace) -> int:
     else:
         baseline = DepthTrace.load(arguments.baseline)
         comparison = compare_traces(
-            trace, baseline, contraction=tolerance, transport=tolerance, baseline_name=f"baseline {arguments.baseline}"
+            trace, baseline, contraction=tolerance, transport=tolerance, baseline_name=arguments.baseline
         )
         plot = draw_comparison(comparison)
         if comparison.passed:

@@ -18,7 +18,7 @@ DEFAULT_TOLERANCES: dict[str, Tolerance] = {
     "transport": Tolerance(atol=0.02, rtol=0.03),
 }
 
-#: Called with every finished comparison; the pytest plugin uses it to report gates.
+#: Listeners of finished comparisons, one per active pytest session; the last one is called.
 comparison_listeners: list[Callable[[TraceComparison], None]] = []
 
 
@@ -126,7 +126,8 @@ def compare_traces(
     contraction: Tolerance | Sequence[Tolerance] | None = None,
     transport: Tolerance | Sequence[Tolerance] | None = None,
     layers: LayerSelection = None,
-    baseline_name: str = "baseline",
+    baseline_name: str = "the expected trace",
+    update_hint: str | None = None,
 ) -> TraceComparison:
     """Compare ``observed`` with ``expected`` per layer.
 
@@ -136,9 +137,10 @@ def compare_traces(
     Raises:
         TraceMismatch: when the traces are not comparable (see :func:`check_comparable`).
     """
+    __tracebackhide__ = True
     differences = check_comparable(observed, expected)
     if differences:
-        raise TraceMismatch(_mismatch_message(differences, baseline_name))
+        raise TraceMismatch(_mismatch_message(differences, baseline_name, update_hint))
 
     compared = set(select_layers(layers, expected.num_layers))
     requested = {"contraction": contraction, "transport": transport}
@@ -165,7 +167,7 @@ def assert_trace_close(
     contraction: Tolerance | Sequence[Tolerance] | None = None,
     transport: Tolerance | Sequence[Tolerance] | None = None,
     layers: LayerSelection = None,
-    baseline_name: str = "baseline",
+    baseline_name: str = "the expected trace",
     update_hint: str | None = None,
 ) -> TraceComparison:
     """Fail with a release-manager message when ``observed`` left the tolerance of ``expected``.
@@ -180,10 +182,17 @@ def assert_trace_close(
     from pytest_spinal.report import format_failure
 
     comparison = compare_traces(
-        observed, expected, contraction=contraction, transport=transport, layers=layers, baseline_name=baseline_name
+        observed,
+        expected,
+        contraction=contraction,
+        transport=transport,
+        layers=layers,
+        baseline_name=baseline_name,
+        update_hint=update_hint,
     )
-    for listener in comparison_listeners:
-        listener(comparison)
+    # Only the innermost pytest session hears of it: pytester runs sessions inside sessions.
+    if comparison_listeners:
+        comparison_listeners[-1](comparison)
     if not comparison.passed:
         raise TraceDrift(format_failure(comparison, update_hint=update_hint))
     return comparison
@@ -231,12 +240,12 @@ def _describe(tolerance: Tolerance) -> str:
     return tolerance.describe() + scope
 
 
-def _mismatch_message(differences: list[str], baseline_name: str) -> str:
+def _mismatch_message(differences: list[str], baseline_name: str, update_hint: str | None) -> str:
     lines = [f"{baseline_name} is not comparable with this trace, so no drift was measured:"]
     lines += [f"  - {difference}" for difference in differences]
     lines.append(
         "Trace with the baseline's probes and settings, or re-record the baseline if the change "
-        "of probes or settings is intended (pytest --spinal-update)."
+        f"of probes or settings is intended: {update_hint or 'pytest --spinal-update'}"
     )
     return "\n".join(lines)
 

@@ -214,7 +214,7 @@ class GateBaseline:
             contraction=contraction,
             transport=transport,
             layers=layers,
-            baseline_name=f"baseline {label}",
+            baseline_name=label,
             update_hint=update_hint,
         )
 

@@ -49,7 +49,9 @@ def _gate_lines(session: SpinalSession) -> list[str]:
         (gate["test"], gate["checkpoint"], gate["worst_layer"] or "-", f"{gate['worst_excess']:.2f}" if gate["worst_layer"] else "-", gate["verdict"])
         for gate in ordered[:MAX_SUMMARY_ROWS]
     ]
-    table = tabulate(rows, headers=("test", "checkpoint", "worst layer", "worst |delta|/allowed", "verdict"))
+    table = tabulate(
+        rows, headers=("test", "checkpoint", "worst layer", "worst |delta|/allowed", "verdict"), disable_numparse=True
+    )
     lines = [f"{plural(len(gates), 'gate')}: {counts}", *table.splitlines()]
     if len(gates) > MAX_SUMMARY_ROWS:
         lines.append(f"... and {len(gates) - MAX_SUMMARY_ROWS} more gates")
@@ -112,6 +114,9 @@ def _partial_run_reason(reporter: Any, config: pytest.Config, session: SpinalSes
         return "only last-failed tests ran"
     if reporter.stats.get("failed") or reporter.stats.get("error"):
         return "some tests failed or errored"
+    if reporter.stats.get("skipped"):
+        # A skipped gate never asks for its baseline, which would then look unused.
+        return "some tests were skipped"
     if not session.gates and not session.baselines_used:
         return "no gate ran"
     return None

@@ -1,7 +1,6 @@
 """Fixtures for the plugin tests: tiny checkpoints, a drifted copy, pytest projects and synthetic traces.
 
-The tests here run real pytest sessions through ``pytester``, so the suite needs the pytester
-plugin enabled (``pytest_plugins = ("pytester",)`` in the root conftest, or ``-p pytester``).
+The tests here run real pytest sessions through ``pytester``, which ``tests/conftest.py`` enables.
 """
 
 from __future__ import annotations
@@ -44,7 +43,10 @@ def preloaded_tracing_modules() -> None:
     ``pytester.runpytest`` removes the modules that an inner session imported once it ends. torch
     cannot be imported a second time in one process, and a re-imported ``pytest_spinal.compare``
     would be a second copy of its module state, so both must already be loaded when a run starts.
+    hypothesis is imported by its pytest plugin in every inner session. Importing it here saves
+    a fresh import and assertion rewrite of the whole package per run, about a second each.
     """
+    import hypothesis  # noqa: F401
     import pytest_spinal.report  # noqa: F401
     import pytest_spinal.summary  # noqa: F401
     from pytest_spinal.probes import load_probes
@@ -71,7 +73,7 @@ PROJECT_INI = "[pytest]\nspinal_device = cpu\nspinal_probes = probes.txt\n"
 def project(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest.Pytester:
     """A pytester project that traces on the CPU, with the tiny llama copied to ``model/``.
 
-    The project's probe file ``probes.txt`` holds a short probe set, to keep each trace fast.
+    The project's probe file ``probes.txt`` contains a short probe set, to keep each trace fast.
     CI is unset because ``--spinal-update`` is a usage error under CI; tests of the CI behaviour
     set it again themselves.
     """

@@ -151,7 +151,7 @@ def test_message_order_headline_table_hint(synthetic_trace, baseline):
 
     lines = str(raised.value).splitlines()
     table_header = next(index for index, line in enumerate(lines) if line.startswith("metric "))
-    assert lines[0].startswith("depth trace of synthetic is out of tolerance against baseline: transport rose")
+    assert lines[0].startswith("depth trace of synthetic is out of tolerance against the expected trace: transport rose")
     assert table_header > 0
     assert lines[table_header + 2].startswith("transport  3->4")
     assert lines[-1] == "If this change is intended, re-record the baseline: pytest --spinal-update test_gate.py::test_release"

@@ -1,4 +1,4 @@
-"""With the CI environment variable set, no baseline is ever written."""
+"""While the CI environment variable is set (to anything but empty, 0, false or no), no baseline is written."""
 
 from __future__ import annotations
 

@@ -18,7 +18,11 @@ def imported_modules(statement: str) -> list[str]:
         timeout=120,
     )
     # Each line reads "import time: <self us> | <cumulative us> | <indented module name>".
-    return [line.rsplit("|", 1)[1].strip() for line in completed.stderr.splitlines() if line.startswith("import time:") and "|" in line]
+    modules = []
+    for line in completed.stderr.splitlines():
+        if line.startswith("import time:") and "|" in line:
+            modules.append(line.rsplit("|", 1)[1].strip())
+    return modules
 
 
 def test_importtime_lists_modules():

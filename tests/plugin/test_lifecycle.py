@@ -56,13 +56,13 @@ def test_lifecycle_record_drift_rerecord(project, drifted_llama, replace_model):
 
     project.runpytest().assert_outcomes(passed=2)
 
-    # The model changes in its last layer: both gates fail and say where and how.
+    # The model changes in its last layer: both gates fail, naming the metric and the layer.
     replace_model(drifted_llama)
     drifted = project.runpytest()
     drifted.assert_outcomes(failed=2)
     output = drifted.stdout.str()
     headline = re.search(
-        r"depth trace of model is out of tolerance against baseline baselines/test_release/test_late_layers.json: (.*)",
+        r"depth trace of model is out of tolerance against baselines/test_release/test_late_layers.json: (.*)",
         output,
     )
     assert headline is not None

@@ -1,4 +1,4 @@
-"""Baselines that cannot be compared with a trace fail, whatever the tolerance, and say why."""
+"""Baselines that cannot be compared with a trace fail, whatever the tolerance, and name the difference."""
 
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def test_other_probe_file_fails(project):
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(
         [
-            "*baseline baselines/test_gate/test_gate.json is not comparable with this trace, so no drift was measured:",
+            "*: baselines/test_gate/test_gate.json is not comparable with this trace, so no drift was measured:",
             "*  - probe token ids differ: baseline sha256:*",
         ]
     )
@@ -102,7 +102,7 @@ def recorded_baseline(project):
 
 
 def rewrite_contraction(path, layer, value):
-    """Set one contraction value in a baseline file, leaving its derived figures as they were."""
+    """Set one contraction value in a baseline file, leaving its checksum and derived figures as they were."""
     data = json.loads(path.read_text(encoding="utf-8"))
     data["contraction"][layer] = value
     path.write_text(json.dumps(data, indent=2), encoding="utf-8")
@@ -127,10 +127,28 @@ def test_truncated_baseline_fails(project, recorded_baseline):
     result.stdout.fnmatch_lines([f"*{recorded_baseline}: invalid JSON (*"])
 
 
-def test_edited_baseline_fails(project, recorded_baseline):
-    rewrite_contraction(recorded_baseline, 2, 0.85)
+def set_per_prompt_transport(path, value):
+    """Set transport 0->1 of the first prompt in a baseline file, leaving the rest as it was."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    data["transport_per_prompt"][0][0] = value
+    path.write_text(json.dumps(data, indent=2), encoding="utf-8")
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda path: rewrite_contraction(path, 2, 0.85),
+        lambda path: rewrite_contraction(path, 0, 1.05),
+        lambda path: set_per_prompt_transport(path, 0.45),
+    ],
+    ids=["contraction-layer-2", "contraction-layer-0", "per-prompt-transport"],
+)
+def test_edited_baseline_fails(project, recorded_baseline, edit):
+    edit(recorded_baseline)
 
     result = project.runpytest()
 
     result.assert_outcomes(failed=1)
-    result.stdout.fnmatch_lines([f"*{recorded_baseline}: the derived figures do not match the profiles*"])
+    result.stdout.fnmatch_lines(
+        [f"*{recorded_baseline}: the checksum or derived figures do not match the profiles, so the file was edited*"]
+    )

@@ -56,9 +56,9 @@ def test_help_lists_ini_setting(pytester, name):
     result.stdout.fnmatch_lines([f"  {name} (string):*"])
 
 
-# The option is written as --spinal-baseline-dir=DIR here. pytest 9 finds the rootdir and ini file
-# before plugins add their options, so in "--spinal-baseline-dir DIR" it takes an existing DIR for a
-# test path and, when DIR lies outside the project, ignores the project's ini file.
+# These tests write --spinal-baseline-dir=DIR, not "--spinal-baseline-dir DIR". pytest 9 finds the
+# rootdir and ini file before plugins add their options. So it takes a separate, existing DIR for a
+# test path, and when DIR lies outside the project it does not read the project's ini file.
 
 
 def test_baseline_dir_option_writes_there(project, tmp_path):

@@ -115,3 +115,16 @@ def test_prune_after_failure_deletes_nothing(gates):
         ["--spinal-prune did nothing: some tests failed or errored; unused baselines are only known after a full, passing run"]
     )
     assert (gates.path / STRAY).exists()
+
+
+def test_prune_keeps_skipped_gate_baseline(gates):
+    # A gate skipped on this machine (for example one that needs a GPU) still owns its baseline.
+    skipped_module = GATES_MODULE.replace(
+        "def test_second(", "import pytest\n\n\n@pytest.mark.skip(reason='needs a GPU')\ndef test_second("
+    )
+    gates.makepyfile(test_gates=skipped_module)
+
+    result = gates.runpytest("--spinal-prune")
+
+    result.assert_outcomes(passed=1, skipped=1)
+    assert (gates.path / "baselines" / "test_gates" / "test_second.json").exists()

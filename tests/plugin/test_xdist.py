@@ -41,10 +41,18 @@ def test_xdist_records_then_compares(project):
     assert f"baselines: {GATES} written, 0 unchanged" in output
     assert list(project.path.rglob(".*.tmp")) == []
 
-    compared = project.runpytest_subprocess("-p", "xdist", "-n", "4", timeout=RUN_TIMEOUT)
+    # The controller learns from the workers' reports which baselines were used, so it can prune.
+    stray = project.path / "baselines" / "test_removed" / "test_old_gate.json"
+    stray.parent.mkdir()
+    stray.write_bytes(files[0].read_bytes())
+
+    compared = project.runpytest_subprocess("-p", "xdist", "-n", "4", "--spinal-prune", timeout=RUN_TIMEOUT)
 
     compared.assert_outcomes(passed=GATES)
+    assert not stray.exists()
+    assert len(list((project.path / "baselines").rglob("*.json"))) == GATES
     output = compared.stdout.str()
+    assert "deleted 1 unused baseline" in output
     assert len(summary_headers(output)) == 1
     assert f"{GATES} gates: {GATES} passed" in output
     traces_line = re.search(r"^traces: (\d+) computed, (\d+) served from the session cache$", output, flags=re.MULTILINE)
