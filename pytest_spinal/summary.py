@@ -115,7 +115,7 @@ def _partial_run_reason(reporter: Any, config: pytest.Config, session: SpinalSes
     if reporter.stats.get("failed") or reporter.stats.get("error"):
         return "some tests failed or errored"
     if reporter.stats.get("skipped"):
-        # A skipped gate never asks for its baseline, which would then look unused.
+        # A skipped gate never requests its baseline, which would then look unused.
         return "some tests were skipped"
     if not session.gates and not session.baselines_used:
         return "no gate ran"

@@ -14,20 +14,9 @@ from pytest_spinal.cli import format_table, main
 from pytest_spinal.trace import DepthTrace, TraceSettings
 
 from tiny_models import tiny_model_path
+from cli_tables import table_rows
 
 NUM_LAYERS = 4
-
-
-def table_rows(output: str) -> list[list[str]]:
-    """Return the cells of the per-layer table: the lines between the dashed rule and the first blank line."""
-    lines = output.splitlines()
-    rule = next(index for index, line in enumerate(lines) if line.startswith("---"))
-    rows = []
-    for line in lines[rule + 1 :]:
-        if not line.strip():
-            break
-        rows.append(line.split())
-    return rows
 
 
 def test_trace_prints_table_and_writes(tmp_path, capsys):

@@ -13,6 +13,7 @@ from pytest_spinal.difference import band_shares
 from pytest_spinal.plots import PLOT_INSTALL_HINT
 from pytest_spinal.trace import DepthTrace, TraceSettings
 
+from cli_tables import table_rows
 from png_files import png_size
 from tiny_models import tiny_model_path
 
@@ -49,18 +50,6 @@ def make_trace(contraction, transport) -> DepthTrace:
         checkpoint={"name": "synthetic", "dtype": "float32"},
         environment={},
     )
-
-
-def table_rows(output: str) -> list[list[str]]:
-    """Return the cells of the per-layer table: the lines between the first dashed rule and the next blank line."""
-    lines = output.splitlines()
-    rule = next(index for index, line in enumerate(lines) if line.startswith("---"))
-    rows = []
-    for line in lines[rule + 1 :]:
-        if not line.strip():
-            break
-        rows.append(line.split())
-    return rows
 
 
 def test_compare_prints_layer_table(trace_files, capsys):
