@@ -13,8 +13,8 @@ import pytest_spinal
 from pytest_spinal.cli import format_table, main
 from pytest_spinal.trace import DepthTrace, TraceSettings
 
-from tiny_models import tiny_model_path
 from cli_tables import table_rows
+from tiny_models import tiny_model_path
 
 NUM_LAYERS = 4
 
