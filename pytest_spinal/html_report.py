@@ -100,7 +100,7 @@ def write_index(directory: Path, gates: list[dict[str, Any]]) -> Path:
     The file is written atomically (temporary file, then rename). Returns its path.
     """
     directory.mkdir(parents=True, exist_ok=True)
-    ordered = sorted(gates, key=lambda gate: (gate["verdict"] != "failed", gate["test"]))
+    ordered = sorted(gates, key=lambda gate: (not gate["verdict"].startswith("failed"), gate["test"]))
     parts = [
         "<!doctype html>",
         '<html lang="en">',

@@ -1,6 +1,6 @@
 """Draw depth traces as PNG images: one trace, a trace against its baseline, or two traces.
 
-matplotlib is an optional dependency (``pip install 'pytest-spinal[plot]'``). It loads only when
+matplotlib is an optional dependency (``pip install matplotlib``). It loads only when
 a figure is drawn, and figures render on the Agg canvas, so no display is ever needed.
 """
 
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from pytest_spinal.difference import BandShares
 
 #: Command that installs the optional plotting dependency.
-PLOT_INSTALL_HINT = "pip install 'pytest-spinal[plot]'"
+PLOT_INSTALL_HINT = "pip install matplotlib (or, in a clone of pytest-spinal, pip install -e '.[plot]')"
 
 #: Resolution of every saved image, in dots per inch.
 DPI = 100

@@ -194,7 +194,10 @@ class GateBaseline:
         __tracebackhide__ = True
         session = self._session
         path = session.store.path_for(name or self.name)
-        update_hint = f"pytest --spinal-update {_quote(self._nodeid)}"
+        record_command = f"pytest --spinal-update {_quote(self._nodeid)}"
+        update_hint = f"{record_command}, with this run's other options"
+        if name is not None:
+            update_hint += f" (every test that names baseline {name!r} then compares with the new file)"
         label = _display_path(path, session.rootpath)
 
         if session.update:
@@ -207,7 +210,12 @@ class GateBaseline:
             return None
 
         session.record(BASELINE_PROPERTY, {"path": str(path.resolve()), "action": "compared"})
-        expected = session.store.read(path, update_hint=update_hint)
+        if not path.exists():
+            session.record(
+                GATE_PROPERTY,
+                {"checkpoint": trace.checkpoint.get("name", "?"), "baseline": label, "worst_layer": "", "worst_excess": 0.0, "verdict": "failed (no baseline)"},
+            )
+        expected = session.store.read(path, update_hint=record_command)
         return assert_trace_close(
             trace,
             expected,

@@ -44,7 +44,7 @@ def _gate_lines(session: SpinalSession) -> list[str]:
         verdicts[verdict] = verdicts.get(verdict, 0) + 1
     counts = ", ".join(f"{count} {verdict}" for verdict, count in sorted(verdicts.items()))
 
-    ordered = sorted(gates, key=lambda gate: (gate["verdict"] != "failed", gate["test"]))
+    ordered = sorted(gates, key=lambda gate: (not gate["verdict"].startswith("failed"), gate["test"]))
     rows = [
         (gate["test"], gate["checkpoint"], gate["worst_layer"] or "-", f"{gate['worst_excess']:.2f}" if gate["worst_layer"] else "-", gate["verdict"])
         for gate in ordered[:MAX_SUMMARY_ROWS]

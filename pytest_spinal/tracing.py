@@ -77,6 +77,10 @@ def trace_loaded(
     metric_dtype = getattr(torch, settings.metric_dtype)
     accumulator = _Accumulator(states=[[] for _ in range(lens.num_layers + 1)], distances=[[] for _ in range(lens.num_layers)])
 
+    logger.info(
+        "tracing %s: %d prompts, %d tokens, %d layers, batches of %d on %s",
+        loaded.name, len(encoded.token_ids), encoded.num_tokens, lens.num_layers, batch_size, device,
+    )
     prompt_tokens = []
     with torch.inference_mode():
         for start in range(0, len(encoded.token_ids), batch_size):
@@ -84,6 +88,7 @@ def trace_loaded(
             counts = _trace_batch(lens, batch, device=device, settings=settings, metric_dtype=metric_dtype,
                                   chunk_size=chunk_size, accumulator=accumulator, first_prompt=start)
             prompt_tokens.extend(counts)
+            logger.info("traced prompts %d-%d of %d", start + 1, start + len(batch), len(encoded.token_ids))
 
         contraction_profile = _contraction_profile(accumulator.states, settings)
         transport, per_prompt = _transport_profile(accumulator.distances, prompt_tokens)

@@ -166,6 +166,18 @@ def test_torch_dtype_names():
     assert torch_dtype("bfloat16") is torch.bfloat16
 
 
+def test_owner_name_path_not_sent_to_hub(tmp_path, monkeypatch):
+    # "checkpoints/candidate" has the shape of a hub id, but only "hf:" ids go to the hub.
+    monkeypatch.chdir(tmp_path)
+
+    with pytest.raises(CheckpointError) as raised:
+        load_checkpoint("checkpoints/candidate", device="cpu")
+
+    message = str(raised.value)
+    assert "'checkpoints/candidate' not found" in message
+    assert "hf:owner/name" in message
+
+
 def test_missing_package_names_pip():
     with pytest.raises(CheckpointError) as raised:
         load_checkpoint("pkg:pytest_spinal_no_such_package", device="cpu")

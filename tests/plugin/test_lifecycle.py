@@ -32,6 +32,7 @@ def test_missing_baseline_fails(project):
     output = result.stdout.str()
     assert "no baseline at " + str(project.path / "baselines" / "test_release" / "test_whole_depth.json") in output
     assert "`pytest --spinal-update test_release.py::test_whole_depth`" in output
+    assert "failed (no baseline)" in output
     assert not (project.path / "baselines").exists()
 
 
@@ -70,7 +71,7 @@ def test_lifecycle_record_drift_rerecord(project, drifted_llama, replace_model):
     drifted.stdout.fnmatch_lines(
         [
             "*metric*layer*baseline*observed*delta*allowed*|delta|/allowed",
-            "*If this change is intended, re-record the baseline: pytest --spinal-update test_release.py::test_late_layers",
+            "*If this change is intended, re-record the baseline: pytest --spinal-update test_release.py::test_late_layers, with this run's other options",
         ]
     )
 
