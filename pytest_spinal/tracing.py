@@ -8,10 +8,11 @@ and previous layer's log-probabilities (two chunks of vocabulary-sized rows).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import platform
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 from pytest_spinal import __version__
 from pytest_spinal.architectures import LogitLens, resolve_lens
@@ -82,7 +83,7 @@ def trace_loaded(
         loaded.name, len(encoded.token_ids), encoded.num_tokens, lens.num_layers, batch_size, device,
     )
     prompt_tokens = []
-    with torch.inference_mode():
+    with torch.inference_mode(), _full_float32_matmul():
         for start in range(0, len(encoded.token_ids), batch_size):
             batch = encoded.token_ids[start : start + batch_size]
             counts = _trace_batch(lens, batch, device=device, settings=settings, metric_dtype=metric_dtype,
@@ -178,6 +179,24 @@ def _trace_batch(
             accumulator.distances[layer - 1].append(fisher_rao_from_roots(previous, current).to(torch.float64))
             previous = current
     return counts
+
+
+@contextlib.contextmanager
+def _full_float32_matmul() -> Iterator[None]:
+    """Turn TF32 off for CUDA float32 matrix products while tracing, then restore the setting.
+
+    TF32 keeps 10 bits of mantissa, which would move float32 lens products and so the transport
+    of nearly equal layers by far more than float32 rounding. bfloat16 and float16 models are
+    unaffected, and the float64 spectra never use TF32.
+    """
+    import torch
+
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
 
 
 def _left_pad(batch: tuple[tuple[int, ...], ...], *, device: Any) -> tuple[Any, Any]:

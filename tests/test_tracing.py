@@ -292,3 +292,28 @@ def test_lens_rows_bounded_by_chunk(tiny_model, monkeypatch):
     assert max(rows_per_call) <= 32
     # Each traced position goes through the lens once per layer, 0..L.
     assert sum(rows_per_call) == (NUM_LAYERS + 1) * trace.probes["positions_traced"]
+
+
+def test_trace_turns_tf32_off_then_restores(monkeypatch):
+    from pytest_spinal.architectures import LogitLens
+
+    # cuBLASModule proxies its flags, so monkeypatch cannot restore them: set and restore by hand.
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    seen = []
+    original = LogitLens.logits
+
+    def recording_logits(self, states, *, normalised):
+        seen.append(torch.backends.cuda.matmul.allow_tf32)
+        return original(self, states, normalised=normalised)
+
+    monkeypatch.setattr(LogitLens, "logits", recording_logits)
+    try:
+        trace_checkpoint(tiny_model_path("gpt2"), device="cpu")
+        restored = torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+    assert seen
+    assert not any(seen)
+    assert restored is True
