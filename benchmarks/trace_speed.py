@@ -43,6 +43,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement; the median is reported")
     parser.add_argument("--sweep", type=int, nargs="*", default=list(DEFAULT_SWEEP), help="probe token counts to sweep")
     parser.add_argument("--markdown", default=None, help="append the results to this Markdown file")
+    parser.add_argument("--kinds", nargs="*", choices=KINDS, default=list(KINDS), help="measurements to run (default: all)")
+    parser.add_argument("--json", default=None, help="also write the raw results to this JSON file")
     parser.add_argument("--worker", choices=KINDS, help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--tokens", help=argparse.SUPPRESS)
@@ -62,11 +64,13 @@ def run_benchmark(arguments: argparse.Namespace) -> int:
         results = {}
         for label, token_file in probe_sets.items():
             results[label] = {}
-            for kind in KINDS:
+            for kind in arguments.kinds:
                 print(f"[{label}] {kind} ...", file=sys.stderr, flush=True)
                 results[label][kind] = run_kind(kind, folder, token_file, arguments.repeats)
 
-    text = render(results, arguments)
+    if arguments.json:
+        Path(arguments.json).write_text(json.dumps(results, indent=2), encoding="utf-8")
+    text = render(results, arguments) if set(arguments.kinds) == set(KINDS) else render_memory(results, arguments)
     print(text)
     if arguments.markdown:
         with open(arguments.markdown, "a", encoding="utf-8") as stream:
@@ -270,6 +274,32 @@ def render(results: dict, arguments: argparse.Namespace) -> str:
     ]
     for label, kinds in results.items():
         lines.append(render_row(label, kinds))
+    lines.append("")
+    return "\n".join(lines)
+
+
+def render_memory(results: dict, arguments: argparse.Namespace) -> str:
+    """Format a partial run as a table of each measurement's median time and peak memory."""
+    lines = [
+        "",
+        f"## Time and peak memory per measurement, {time.strftime('%Y-%m-%d')}",
+        "",
+        f"Command: `python benchmarks/trace_speed.py --repeats {arguments.repeats} --kinds {' '.join(arguments.kinds)}"
+        + (f" --sweep {' '.join(map(str, arguments.sweep))}" if list(arguments.sweep) != list(DEFAULT_SWEEP) else "")
+        + "`",
+        f"Machine: {machine()}. SmolLM2-135M-Instruct, float32, CPU, batches of 8 prompts.",
+        "",
+        "| probe set | measurement | median s | MiB after load | peak MiB |",
+        "|---|---|---|---|---|",
+    ]
+    for label, kinds in results.items():
+        for kind, result in kinds.items():
+            if "median" not in result:
+                lines.append(f"| {label} | {kind} | {result.get('skipped') or result.get('error', '?')} | - | - |")
+                continue
+            lines.append(
+                f"| {label} | {kind} | {result['median']:.2f} | {result['rss_after_load'] / 2**20:.0f} | {result['peak_rss'] / 2**20:.0f} |"
+            )
     lines.append("")
     return "\n".join(lines)
 
