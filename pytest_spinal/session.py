@@ -203,18 +203,12 @@ class GateBaseline:
         if session.update:
             action = session.store.write(path, trace)
             session.record(BASELINE_PROPERTY, {"path": str(path.resolve()), "action": action})
-            session.record(
-                GATE_PROPERTY,
-                {"checkpoint": trace.checkpoint.get("name", "?"), "baseline": label, "worst_layer": "", "worst_excess": 0.0, "verdict": f"recorded ({action})"},
-            )
+            self._record_unmeasured_gate(trace, label, verdict=f"recorded ({action})")
             return None
 
         session.record(BASELINE_PROPERTY, {"path": str(path.resolve()), "action": "compared"})
         if not path.exists():
-            session.record(
-                GATE_PROPERTY,
-                {"checkpoint": trace.checkpoint.get("name", "?"), "baseline": label, "worst_layer": "", "worst_excess": 0.0, "verdict": "failed (no baseline)"},
-            )
+            self._record_unmeasured_gate(trace, label, verdict="failed (no baseline)")
         expected = session.store.read(path, update_hint=record_command)
         return assert_trace_close(
             trace,
@@ -224,6 +218,14 @@ class GateBaseline:
             layers=layers,
             baseline_name=label,
             update_hint=update_hint,
+        )
+
+
+    def _record_unmeasured_gate(self, trace: DepthTrace, label: str, *, verdict: str) -> None:
+        """Record a gate that compared nothing: its baseline was just recorded, or is missing."""
+        self._session.record(
+            GATE_PROPERTY,
+            {"checkpoint": trace.checkpoint.get("name", "?"), "baseline": label, "worst_layer": "", "worst_excess": 0.0, "verdict": verdict},
         )
 
 
