@@ -102,7 +102,7 @@ def _add_plot_commands(commands: argparse._SubParsersAction) -> None:
     plot.set_defaults(handler=_run_plot)
 
     compare = commands.add_parser(
-        "compare", help="print the per-layer difference of two traces and which third of the depth holds it"
+        "compare", help="print the per-layer difference of two traces and which third of the depth contains most of it"
     )
     compare.add_argument("first", metavar="A", help="first depth trace JSON file, e.g. the base checkpoint")
     compare.add_argument("second", metavar="B", help="second depth trace JSON file, e.g. the aligned checkpoint; differences are B - A")

@@ -61,7 +61,7 @@ def tail_exponent(values: torch.Tensor, *, window: tuple[float, float], shape: t
     squeezed into fewer directions.
 
     Raises:
-        TraceError: when the window holds fewer than ``MIN_WINDOW_POINTS`` ranks.
+        TraceError: when the window contains fewer than ``MIN_WINDOW_POINTS`` ranks.
     """
     rank = numerical_rank(values, shape=shape)
     first, last = tail_window(rank, window)
@@ -100,7 +100,7 @@ def _window_too_small(points: int, *, rank: int, shape: tuple[int, int], window:
 
 
 def _rank_needed(window: tuple[float, float]) -> int:
-    """Return the smallest numerical rank whose tail window holds ``MIN_WINDOW_POINTS`` ranks."""
+    """Return the smallest numerical rank whose tail window contains ``MIN_WINDOW_POINTS`` ranks."""
     rank = MIN_WINDOW_POINTS
     while True:
         first, last = tail_window(rank, window)

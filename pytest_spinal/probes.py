@@ -55,8 +55,8 @@ class EncodedProbes:
 def load_probes(source: ProbeSource = None) -> ProbeSet:
     """Load a probe set: the packaged default (``None`` or ``"default"``), a file, or a list of prompts.
 
-    A ``.jsonl`` file holds one JSON object a line with a ``"prompt"`` key; any other file holds
-    one prompt a line, and blank lines are skipped.
+    A ``.jsonl`` file contains one JSON object a line with a ``"prompt"`` key. Any other file
+    contains one prompt a line, and blank lines are skipped.
     """
     if isinstance(source, ProbeSet):
         return source

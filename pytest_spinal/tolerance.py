@@ -17,7 +17,7 @@ class Tolerance:
 
     With ``one_sided=True`` only a harmful change fails: a fall of contraction or a rise of
     transport; a change the other way passes whatever its size. ``layers`` limits the tolerance
-    to some layers (a band name, a slice or range of layer numbers, or a list of them); when
+    to some layers (a band name, a slice or range of layer numbers, or a list of them). When
     several tolerances are given for one metric, the last one that covers a layer applies.
     """
 
