@@ -9,11 +9,12 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _LAZY = {
     "DepthTrace": "pytest_spinal.trace",
     "TraceSettings": "pytest_spinal.trace",
+    "TraceSpread": "pytest_spinal.trace",
     "trace_checkpoint": "pytest_spinal.tracing",
     "load_checkpoint": "pytest_spinal.checkpoints",
     "LoadedCheckpoint": "pytest_spinal.checkpoints",
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
     from pytest_spinal.compare import TraceComparison, assert_trace_close, compare_traces
     from pytest_spinal.tolerance import Tolerance
     from pytest_spinal.probes import ProbeSet, load_probes
-    from pytest_spinal.trace import DepthTrace, TraceSettings
+    from pytest_spinal.trace import DepthTrace, TraceSettings, TraceSpread
     from pytest_spinal.tracing import trace_checkpoint
 
 

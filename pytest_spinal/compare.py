@@ -23,7 +23,8 @@ comparison_listeners: list[Callable[[TraceComparison], None]] = []
 
 
 class TraceMismatch(SpinalError, AssertionError):
-    """Two traces cannot be compared: other probes, settings, layer count or model dtype."""
+    """Two traces cannot be compared: other probes, settings or layer count, or an ``auto``
+    tolerance with no fixed part against a baseline without a spread."""
 
 
 class TraceDrift(AssertionError):
@@ -44,6 +45,7 @@ class LayerDelta:
     observed: float
     allowed: float
     one_sided: bool
+    spread: float | None = None
 
     @property
     def delta(self) -> float:
@@ -80,6 +82,7 @@ class TraceComparison:
     tolerances: dict[str, str]
     baseline_name: str
     checkpoint: str
+    notes: tuple[str, ...] = ()
 
     @property
     def failures(self) -> list[LayerDelta]:
@@ -112,11 +115,19 @@ def check_comparable(observed: DepthTrace, expected: DepthTrace) -> list[str]:
             differences.append(f"setting {name} differs: baseline {value!r}, trace {other!r}")
     if observed.num_layers != expected.num_layers:
         differences.append(f"layer count differs: baseline {expected.num_layers} layers, trace {observed.num_layers}")
+    return differences
+
+
+def comparison_notes(observed: DepthTrace, expected: DepthTrace) -> list[str]:
+    """List differences that do not prevent a comparison but may explain a drift."""
+    notes = []
     if observed.checkpoint.get("dtype") != expected.checkpoint.get("dtype"):
-        differences.append(
+        notes.append(
             f"model dtype differs: baseline {expected.checkpoint.get('dtype')}, trace {observed.checkpoint.get('dtype')}"
         )
-    return differences
+    if observed.environment.get("device") != expected.environment.get("device"):
+        notes.append(f"device differs: baseline {expected.environment.get('device')}, trace {observed.environment.get('device')}")
+    return notes
 
 
 def compare_traces(
@@ -146,17 +157,24 @@ def compare_traces(
     requested = {"contraction": contraction, "transport": transport}
     deltas = []
     descriptions = {}
+    notes = comparison_notes(observed, expected)
     for metric in METRICS:
         chosen = _with_default(metric, requested[metric])
         per_layer = tolerance_per_layer(chosen, expected.num_layers)
         descriptions[metric] = "; ".join(_describe(tolerance) for tolerance in chosen)
         deltas.extend(_metric_deltas(metric, observed, expected, per_layer, compared))
+    auto = {tolerance for metric in METRICS for tolerance in _with_default(metric, requested[metric]) if tolerance.z}
+    if auto and expected.spread is None:
+        if any(not tolerance.fixed for tolerance in auto):
+            raise TraceMismatch(_no_spread_message(baseline_name, update_hint))
+        notes.append(f"{baseline_name} has no spread, so the auto tolerances used their fixed part only")
 
     return TraceComparison(
         deltas=tuple(deltas),
         tolerances=descriptions,
         baseline_name=baseline_name,
         checkpoint=str(observed.checkpoint.get("name", "?")),
+        notes=tuple(notes),
     )
 
 
@@ -217,6 +235,7 @@ def _metric_deltas(
     first_layer = 0 if metric == "contraction" else 1
     expected_values = getattr(expected, metric)
     observed_values = getattr(observed, metric)
+    spreads = getattr(expected.spread, metric) if expected.spread is not None else [None] * len(expected_values)
     for index, baseline in enumerate(expected_values):
         layer = index + first_layer
         if layer not in compared:
@@ -228,8 +247,9 @@ def _metric_deltas(
                 layer=layer,
                 baseline=baseline,
                 observed=observed_values[index],
-                allowed=tolerance.allowed(baseline),
+                allowed=tolerance.allowed(baseline, spreads[index]),
                 one_sided=tolerance.one_sided,
+                spread=spreads[index],
             )
         )
     return deltas
@@ -238,6 +258,14 @@ def _metric_deltas(
 def _describe(tolerance: Tolerance) -> str:
     scope = "" if tolerance.layers is None else f" on layers {tolerance.layers!r}"
     return tolerance.describe() + scope
+
+
+def _no_spread_message(baseline_name: str, update_hint: str | None) -> str:
+    return (
+        f"{baseline_name} has no spread, so a tolerance made only of z x spread cannot be applied. "
+        f"Re-record the baseline with this pytest-spinal ({update_hint or 'pytest --spinal-update'}) and "
+        f"a probe set of at least 8 prompts, or give the tolerance a fixed part (atol or rtol) as a floor."
+    )
 
 
 def _mismatch_message(differences: list[str], baseline_name: str, update_hint: str | None) -> str:

@@ -18,8 +18,15 @@ _SESSION_KEY = pytest.StashKey["SpinalSession"]()
 _TOLERANCE_INI = {
     ("contraction", "atol"): "0.02",
     ("contraction", "rtol"): "0.03",
+    ("contraction", "z"): "0",
     ("transport", "atol"): "0.02",
     ("transport", "rtol"): "0.03",
+    ("transport", "z"): "0",
+}
+_TOLERANCE_HELP = {
+    "atol": "default absolute tolerance of {metric} in gates",
+    "rtol": "default tolerance of {metric} in gates, relative to |baseline|",
+    "z": "default multiple of the baseline's spread that {metric} may move in gates (0 turns auto off)",
 }
 
 
@@ -78,7 +85,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("spinal_dtype", "dtype models run in while tracing: float32, bfloat16 or float16", default="float32")
     parser.addini("spinal_probes", "default probe set: a file relative to the rootdir, or 'default'", default="default")
     for (metric, kind), default in _TOLERANCE_INI.items():
-        parser.addini(f"spinal_{metric}_{kind}", f"default {kind} of {metric} in gates", default=default)
+        parser.addini(f"spinal_{metric}_{kind}", _TOLERANCE_HELP[kind].format(metric=metric), default=default)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -113,8 +120,11 @@ def pytest_configure(config: pytest.Config) -> None:
 
     tolerances = {}
     for metric in ("contraction", "transport"):
-        values = {kind: _ini_float(config, f"spinal_{metric}_{kind}") for kind in ("atol", "rtol")}
-        tolerances[metric] = Tolerance(**values)
+        values = {kind: _ini_float(config, f"spinal_{metric}_{kind}") for kind in ("atol", "rtol", "z")}
+        try:
+            tolerances[metric] = Tolerance(**values)
+        except ValueError as error:
+            raise pytest.UsageError(f"the spinal_{metric}_* ini settings are invalid: {error}") from None
     session.previous_tolerances = dict(compare.DEFAULT_TOLERANCES)
     compare.DEFAULT_TOLERANCES.update(tolerances)
     compare.comparison_listeners.append(session.on_comparison)

@@ -43,8 +43,12 @@ class EncodedProbes:
 
     @property
     def fingerprint(self) -> str:
-        """``sha256:<hex>`` of the token ids; traces are comparable only when these match."""
-        payload = json.dumps([list(ids) for ids in self.token_ids], separators=(",", ":"))
+        """``sha256:<hex>`` of the token ids as a multiset; traces are comparable only when these match.
+
+        The prompts are sorted first: contraction, transport and their spread do not depend on
+        the order of the prompts, so a reordered probe set stays comparable with its baseline.
+        """
+        payload = json.dumps(sorted(list(ids) for ids in self.token_ids), separators=(",", ":"))
         return "sha256:" + hashlib.sha256(payload.encode()).hexdigest()
 
     @property

@@ -32,6 +32,7 @@ def format_failure(comparison: TraceComparison, *, update_hint: str | None = Non
         lines.append(f"... and {len(failures) - len(shown)} more out of tolerance")
     lines.append("")
     lines.append("Tolerances: " + "; ".join(f"{metric} {comparison.tolerances[metric]}" for metric in METRICS))
+    lines += [f"Note: {note}" for note in comparison.notes]
     lines.append(
         "If this change is intended, re-record the baseline: "
         + (update_hint or "rerun the test with pytest --spinal-update")

@@ -146,6 +146,8 @@ class TraceFactory:
                 batch_size=batch_size,
                 chunk_size=chunk_size,
                 chat_template=chat_template,
+                # Only a trace that may be written as a baseline needs the spread (it costs resampling).
+                spread=session.update,
             )
             session.traces[key] = trace
             self.computed += 1

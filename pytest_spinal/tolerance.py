@@ -13,10 +13,16 @@ LayerSelection = Union[None, str, slice, range, Sequence[int]]
 
 @dataclass(frozen=True)
 class Tolerance:
-    """Allowed change of one metric: ``|observed - baseline| <= atol + rtol * |baseline|``.
+    """Allowed change of one metric at one layer.
+
+    The fixed part allows ``|observed - baseline| <= atol + rtol * |baseline|``. With ``z > 0``
+    the tolerance is ``auto``: it allows ``max(atol + rtol * |baseline|, z * spread)``, where
+    ``spread`` is the baseline's measured noise at that layer (see
+    :class:`~pytest_spinal.trace.TraceSpread`), so the fixed part is a floor. Against a baseline
+    without a spread only the fixed part applies.
 
     With ``one_sided=True`` only a harmful change fails: a fall of contraction or a rise of
-    transport; a change the other way passes whatever its size. ``layers`` limits the tolerance
+    transport. A change the other way passes whatever its size. ``layers`` limits the tolerance
     to some layers (a band name, a slice or range of layer numbers, or a list of them). When
     several tolerances are given for one metric, the last one that covers a layer applies.
     """
@@ -25,30 +31,48 @@ class Tolerance:
     rtol: float = 0.0
     one_sided: bool = False
     layers: LayerSelection = None
+    z: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("atol", "rtol"):
+        for name in ("atol", "rtol", "z"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
-                raise ValueError(f"Tolerance {name}={value!r} is invalid; it must be a number >= 0, e.g. {name}=0.02")
-        if self.atol == 0 and self.rtol == 0:
-            raise ValueError("Tolerance(atol=0, rtol=0) allows no change at all; give atol or rtol > 0")
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < float("inf"):
+                raise ValueError(f"Tolerance {name}={value!r} is invalid; it must be a finite number >= 0, e.g. {name}={_EXAMPLES[name]}")
+        if self.atol == 0 and self.rtol == 0 and self.z == 0:
+            raise ValueError("Tolerance(atol=0, rtol=0, z=0) allows no change at all; give atol, rtol or z > 0")
         if isinstance(self.layers, str) and self.layers not in BAND_NAMES:
             raise ValueError(f"Tolerance layers={self.layers!r} is not a band; use one of {', '.join(BAND_NAMES)}, or a slice of layers")
 
-    def allowed(self, baseline: float) -> float:
-        """Return the largest allowed ``|observed - baseline|`` at ``baseline``."""
-        return self.atol + self.rtol * abs(baseline)
+    @property
+    def fixed(self) -> bool:
+        """Whether the tolerance has a fixed part (``atol`` or ``rtol``) to fall back on."""
+        return self.atol > 0 or self.rtol > 0
+
+    def allowed(self, baseline: float, spread: float | None = None) -> float:
+        """Return the largest allowed ``|observed - baseline|`` at ``baseline``.
+
+        ``spread`` is the baseline's measured noise at this layer; it counts only when ``z > 0``.
+        """
+        floor = self.atol + self.rtol * abs(baseline)
+        if self.z and spread is not None:
+            return max(floor, self.z * spread)
+        return floor
 
     def describe(self) -> str:
-        """Return a short text such as ``atol 0.02 + rtol 0.05, one-sided``."""
+        """Return a short text such as ``max(atol 0.02 + rtol 0.05, 3 x spread), one-sided``."""
         parts = []
         if self.atol:
             parts.append(f"atol {self.atol:g}")
         if self.rtol:
             parts.append(f"rtol {self.rtol:g}")
         text = " + ".join(parts)
+        if self.z:
+            auto = f"{self.z:g} x spread"
+            text = f"max({text}, {auto})" if text else auto
         return text + ", one-sided" if self.one_sided else text
+
+
+_EXAMPLES = {"atol": "0.02", "rtol": "0.03", "z": "4"}
 
 
 def select_layers(selection: LayerSelection, num_layers: int) -> list[int]:

@@ -13,7 +13,7 @@ from typing import Any
 from pytest_spinal.errors import TraceFileError
 from pytest_spinal.tolerance import BAND_NAMES, select_layers
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -43,13 +43,40 @@ class TraceSettings:
 
 
 @dataclass(frozen=True)
+class TraceSpread:
+    """Measured noise of a trace's probe set, per layer: the standard deviation of each metric
+    over bootstrap resamples of the prompts.
+
+    Each resample draws as many prompts as the probe set has, with replacement, and recomputes
+    contraction (from the drawn prompts' hidden states) and transport (the token-weighted mean of
+    the drawn prompts' transport). ``contraction`` has L+1 values and ``transport`` L, like the
+    profiles. The ``auto`` part of a :class:`~pytest_spinal.Tolerance` scales these.
+    """
+
+    contraction: tuple[float, ...]
+    transport: tuple[float, ...]
+    resamples: int
+    seed: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "method": "bootstrap over prompts",
+            "resamples": self.resamples,
+            "seed": self.seed,
+            "contraction": list(self.contraction),
+            "transport": list(self.transport),
+        }
+
+
+@dataclass(frozen=True)
 class DepthTrace:
     """One checkpoint's depth trace.
 
     ``contraction[l]`` is the contraction of layer l for l in 0..L (0 is the embedding output).
     ``transport[l]`` is the mean Fisher-Rao distance between the logit-lens distributions of
     layers l and l+1, for l in 0..L-1, in radians within [0, pi]. ``transport_per_prompt[p][l]``
-    is the same mean over the real tokens of prompt p alone.
+    is the same mean over the real tokens of prompt p alone. ``spread`` is the probe set's
+    measured noise, or ``None`` where it was not computed (see :class:`TraceSpread`).
     """
 
     contraction: tuple[float, ...]
@@ -60,6 +87,7 @@ class DepthTrace:
     checkpoint: dict[str, Any]
     environment: dict[str, Any]
     run: dict[str, Any] = field(default_factory=dict)
+    spread: TraceSpread | None = None
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -99,7 +127,8 @@ class DepthTrace:
 
     def checksum(self) -> str:
         """``sha256:<hex>`` of the profiles, so that a hand edit of any value is detected on read."""
-        payload = json.dumps([self.contraction, self.transport, self.transport_per_prompt], separators=(",", ":"))
+        spread = None if self.spread is None else self.spread.to_json()
+        payload = json.dumps([self.contraction, self.transport, self.transport_per_prompt, spread], separators=(",", ":"))
         return "sha256:" + hashlib.sha256(payload.encode()).hexdigest()
 
     def derived(self) -> dict[str, Any]:
@@ -114,6 +143,7 @@ class DepthTrace:
             "contraction": list(self.contraction),
             "transport": list(self.transport),
             "transport_per_prompt": [list(row) for row in self.transport_per_prompt],
+            "spread": None if self.spread is None else self.spread.to_json(),
             "derived": self.derived(),
             "checksum": self.checksum(),
             "settings": self.settings.to_json(),
@@ -169,6 +199,7 @@ class DepthTrace:
                 checkpoint=dict(data["checkpoint"]),
                 environment=dict(data["environment"]),
                 run=dict(data.get("run", {})),
+                spread=_spread_from_json(data["spread"], source),
             )
         except (KeyError, TypeError, ValueError) as error:
             raise TraceFileError(f"{source}: not a valid depth trace ({type(error).__name__}: {error})") from None
@@ -203,6 +234,19 @@ class DepthTrace:
         return cls.loads(text, source=str(path))
 
 
+def _spread_from_json(data: Any, source: str) -> TraceSpread | None:
+    if data is None:
+        return None
+    if not isinstance(data, dict):
+        raise TraceFileError(f"{source}: spread must be a JSON object or null, got {type(data).__name__}")
+    return TraceSpread(
+        contraction=_floats(data["contraction"], "spread.contraction", source),
+        transport=_floats(data["transport"], "spread.transport", source),
+        resamples=int(data["resamples"]),
+        seed=int(data["seed"]),
+    )
+
+
 def _reject_constant(name: str) -> float:
     raise ValueError(f"{name} is not a finite number")
 
@@ -228,6 +272,15 @@ def _check_shape(trace: DepthTrace) -> None:
         if len(row) != layers:
             raise ValueError(f"transport_per_prompt[{index}] has {len(row)} values but needs {layers}")
     rows = [(f"transport_per_prompt[{index}]", row) for index, row in enumerate(trace.transport_per_prompt)]
+    if trace.spread is not None:
+        if len(trace.spread.contraction) != layers + 1 or len(trace.spread.transport) != layers:
+            raise ValueError(
+                f"spread has {len(trace.spread.contraction)} contraction and {len(trace.spread.transport)} "
+                f"transport values but needs {layers + 1} and {layers}"
+            )
+        rows += [("spread.contraction", trace.spread.contraction), ("spread.transport", trace.spread.transport)]
+        if any(value < 0 for _, values in rows[-2:] for value in values):
+            raise ValueError("spread values are standard deviations and cannot be negative")
     for name, values in [("contraction", trace.contraction), ("transport", trace.transport), *rows]:
         for index, value in enumerate(values):
             if not math.isfinite(value):

@@ -18,14 +18,24 @@ from pytest_spinal import __version__
 from pytest_spinal.architectures import LogitLens, resolve_lens
 from pytest_spinal.checkpoints import CheckpointSource, LoadedCheckpoint, load_checkpoint
 from pytest_spinal.errors import TraceError
-from pytest_spinal.metrics import contraction, fisher_rao_from_roots
+from pytest_spinal.metrics import contraction, fisher_rao_from_roots, tail_exponent
 from pytest_spinal.probes import EncodedProbes, ProbeSource, encode_probes, load_probes
-from pytest_spinal.trace import DepthTrace, TraceSettings
+from pytest_spinal.trace import DepthTrace, TraceSettings, TraceSpread
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_CHUNK_SIZE = 256
+
+#: Bootstrap resamples of the prompts behind a trace's spread, and the seed that draws them.
+SPREAD_RESAMPLES = 32
+SPREAD_SEED = 0
+
+#: Fewest prompts for which a spread is computed; with fewer, resamples repeat the same few prompts.
+MIN_SPREAD_PROMPTS = 8
+
+#: Largest size of the per-prompt Gram matrices kept at once while resampling one layer.
+_PROMPT_GRAMS_MAX_BYTES = 1 << 30
 
 
 @dataclass
@@ -46,16 +56,21 @@ def trace_checkpoint(
     batch_size: int = DEFAULT_BATCH_SIZE,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     chat_template: bool = True,
+    spread: bool = True,
 ) -> DepthTrace:
     """Load ``checkpoint`` and trace it over ``probes`` (the packaged default set when ``None``).
 
     ``batch_size`` prompts share a forward pass and ``chunk_size`` positions share one logit-lens
-    product; neither changes the result beyond float rounding. See :func:`load_checkpoint` for
-    the accepted checkpoints and :func:`load_probes` for probe sets.
+    product; neither changes the result beyond float rounding. ``spread`` adds the probe set's
+    measured noise (:class:`TraceSpread`), which a baseline needs for ``auto`` tolerances; a
+    trace that is only compared with a baseline can skip it. See :func:`load_checkpoint` for the
+    accepted checkpoints and :func:`load_probes` for probe sets.
     """
     loaded = load_checkpoint(checkpoint, device=device, dtype=dtype)
     encoded = encode_probes(loaded.tokenizer, load_probes(probes), chat_template=chat_template)
-    return trace_loaded(loaded, encoded, settings=settings or TraceSettings(), batch_size=batch_size, chunk_size=chunk_size)
+    return trace_loaded(
+        loaded, encoded, settings=settings or TraceSettings(), batch_size=batch_size, chunk_size=chunk_size, spread=spread
+    )
 
 
 def trace_loaded(
@@ -65,6 +80,7 @@ def trace_loaded(
     settings: TraceSettings,
     batch_size: int = DEFAULT_BATCH_SIZE,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    spread: bool = True,
 ) -> DepthTrace:
     """Trace an already loaded checkpoint over already tokenised probes."""
     import torch
@@ -93,6 +109,7 @@ def trace_loaded(
 
         contraction_profile = _contraction_profile(accumulator.states, settings)
         transport, per_prompt = _transport_profile(accumulator.distances, prompt_tokens)
+        measured_spread = _spread(accumulator, prompt_tokens, settings) if spread else None
 
     return DepthTrace(
         contraction=contraction_profile,
@@ -117,6 +134,7 @@ def trace_loaded(
         },
         environment=_environment(device),
         run={"batch_size": batch_size, "chunk_size": chunk_size},
+        spread=measured_spread,
     )
 
 
@@ -257,6 +275,87 @@ def _transport_profile(distances: list[list[Any]], prompt_tokens: list[int]) -> 
     per_prompt = [rows.mean(dim=0) for rows in torch.split(per_token, prompt_tokens)]
     overall = per_token.mean(dim=0)
     return tuple(overall.tolist()), tuple(tuple(row.tolist()) for row in per_prompt)
+
+
+def _spread(accumulator: _Accumulator, prompt_tokens: list[int], settings: TraceSettings) -> TraceSpread | None:
+    """Measure each layer's spread over bootstrap resamples of the prompts (see :class:`TraceSpread`).
+
+    Returns ``None``, with a warning, when the probe set has too few prompts or a resample's
+    states span too few directions for a contraction fit.
+    """
+    import torch
+
+    prompts = len(prompt_tokens)
+    if prompts < MIN_SPREAD_PROMPTS:
+        logger.warning(
+            "no spread measured: the probe set has %d prompts and resampling needs at least %d; "
+            "auto tolerances will use their fixed part only", prompts, MIN_SPREAD_PROMPTS,
+        )
+        return None
+
+    logger.info("measuring the spread over %d resamples of %d prompts", SPREAD_RESAMPLES, prompts)
+    generator = torch.Generator().manual_seed(SPREAD_SEED)
+    drawn = torch.randint(prompts, (SPREAD_RESAMPLES, prompts), generator=generator)
+    # weights[b, p]: how often resample b drew prompt p
+    weights = torch.zeros(SPREAD_RESAMPLES, prompts, dtype=torch.float64)
+    weights.scatter_add_(1, drawn, torch.ones_like(weights))
+    tokens = torch.tensor(prompt_tokens, dtype=torch.float64)
+
+    contraction_spread = []
+    for layer, chunks in enumerate(accumulator.states):
+        try:
+            values = resampled_contractions(torch.cat(chunks), prompt_tokens, weights, settings)
+        except TraceError as error:
+            logger.warning("no spread measured: layer %d, %s; auto tolerances will use their fixed part only", layer, error)
+            return None
+        contraction_spread.append(float(torch.tensor(values, dtype=torch.float64).std()))
+
+    per_token = torch.stack([torch.cat(chunks) for chunks in accumulator.distances], dim=1).cpu()
+    prompt_sums = torch.stack([rows.sum(dim=0) for rows in torch.split(per_token, prompt_tokens)])
+    resampled_transport = (weights @ prompt_sums) / (weights @ tokens)[:, None]
+    transport_spread = resampled_transport.std(dim=0)
+    return TraceSpread(
+        contraction=tuple(contraction_spread),
+        transport=tuple(transport_spread.tolist()),
+        resamples=SPREAD_RESAMPLES,
+        seed=SPREAD_SEED,
+    )
+
+
+def resampled_contractions(states: Any, prompt_tokens: list[int], weights: Any, settings: TraceSettings) -> list[float]:
+    """Return one layer's contraction for each resample of the prompts.
+
+    ``states`` are the layer's real-token states (N x d) in prompt order, ``prompt_tokens`` the
+    rows per prompt, and ``weights[b, p]`` how often resample b drew prompt p. A resample's Gram matrix is the weighted sum of the prompts' own Gram matrices, which equals
+    the Gram matrix of the drawn prompts' states stacked with repeats. Its eigenvalues give the
+    resample's singular values as in :func:`~pytest_spinal.metrics.singular_values`.
+    """
+    import torch
+
+    states = states.to(torch.float64)
+    width = states.shape[1]
+    per_prompt = torch.split(states, prompt_tokens)
+    if len(per_prompt) * width * width * 8 <= _PROMPT_GRAMS_MAX_BYTES:
+        prompt_grams = torch.stack([rows.T @ rows for rows in per_prompt])
+        grams = torch.einsum("bp,pij->bij", weights.to(states.device), prompt_grams)
+        del prompt_grams
+    else:
+        # NOTE: for wide models the per-prompt Gram matrices would not fit; this path costs one
+        # full Gram product per resample instead.
+        row_weights = weights.to(states.device).repeat_interleave(torch.tensor(prompt_tokens, device=states.device), dim=1)
+        grams = torch.stack([(states * row[:, None]).T @ states for row in row_weights])
+
+    eigenvalues = torch.linalg.eigvalsh(grams).cpu()
+    token_counts = weights @ torch.tensor(prompt_tokens, dtype=torch.float64)
+    values = []
+    for resample, spectrum in enumerate(eigenvalues):
+        singular = spectrum.clamp(min=0.0).sqrt().flip(0)
+        shape = (int(token_counts[resample]), width)
+        try:
+            values.append(tail_exponent(singular, window=settings.tail_window, shape=shape))
+        except TraceError as error:
+            raise TraceError(f"resample {resample}: {error}") from None
+    return values
 
 
 def _environment(device: Any) -> dict[str, Any]:

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from pytest_spinal.errors import TraceFileError
-from pytest_spinal.trace import SCHEMA_VERSION, DepthTrace, TraceSettings
+from pytest_spinal.trace import SCHEMA_VERSION, DepthTrace, TraceSettings, TraceSpread
 
 # Values that binary floats cannot hold exactly, so a lossy float format would show.
 CONTRACTION = (0.1, 1.0 / 3.0, 2.5, 1.7, 3.25)
@@ -337,3 +337,46 @@ def test_settings_round_trip():
     settings = TraceSettings(tail_window=(0.25, 0.75), positions="last", metric_dtype="float64")
 
     assert DepthTrace.loads(make_trace(settings=settings).dumps()).settings == settings
+
+
+# Spread
+
+SPREAD = TraceSpread(contraction=(0.01, 0.02, 0.03, 0.02, 0.01), transport=(0.004, 0.003, 0.002, 0.001), resamples=32, seed=0)
+
+
+def test_spread_round_trip():
+    trace = make_trace(spread=SPREAD)
+
+    assert DepthTrace.loads(trace.dumps()) == trace
+    assert json.loads(trace.dumps())["spread"]["method"] == "bootstrap over prompts"
+
+
+def test_missing_spread_written_as_null():
+    assert json.loads(make_trace().dumps())["spread"] is None
+
+
+def test_edited_spread_detected():
+    def edit(data):
+        data["spread"]["transport"][3] = 0.5
+
+    data = json.loads(make_trace(spread=SPREAD).dumps())
+    edit(data)
+
+    with pytest.raises(TraceFileError, match="checksum or derived figures do not match"):
+        DepthTrace.from_json(data)
+
+
+@pytest.mark.parametrize(
+    ("spread", "message"),
+    [
+        (TraceSpread((0.1,), SPREAD.transport, 32, 0), "spread has 1 contraction and 4 transport values but needs 5 and 4"),
+        (TraceSpread(SPREAD.contraction, (0.1, -0.1, 0.1, 0.1), 32, 0), "cannot be negative"),
+        (TraceSpread(SPREAD.contraction, (0.1, math.nan, 0.1, 0.1), 32, 0), "spread.transport[1] is nan"),
+    ],
+    ids=["length", "negative", "nan"],
+)
+def test_invalid_spread_rejected(spread, message):
+    with pytest.raises(ValueError) as raised:
+        make_trace(spread=spread)
+
+    assert message in str(raised.value)

@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 
 import pytest
 
-from pytest_spinal.trace import DepthTrace, TraceSettings
+from pytest_spinal.trace import DepthTrace, TraceSettings, TraceSpread
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 TINY_LLAMA = REPOSITORY / "fixtures" / "tiny" / "llama"
@@ -110,8 +110,12 @@ def build_trace(
     dtype: str = "float32",
     name: str = "synthetic",
     prompts: int = 2,
+    spread: tuple[Sequence[float], Sequence[float]] | None = None,
 ) -> DepthTrace:
-    """Build a depth trace from explicit profiles; every prompt gets the overall transport."""
+    """Build a depth trace from explicit profiles; every prompt gets the overall transport.
+
+    ``spread`` is ``(contraction spread, transport spread)``, or ``None`` for a trace without one.
+    """
     return DepthTrace(
         contraction=tuple(contraction),
         transport=tuple(transport),
@@ -120,6 +124,7 @@ def build_trace(
         probes={"source": "synthetic", "fingerprint": fingerprint, "prompts": prompts, "tokens": 10 * prompts},
         checkpoint={"name": name, "dtype": dtype},
         environment={"device": "cpu"},
+        spread=None if spread is None else TraceSpread(tuple(spread[0]), tuple(spread[1]), resamples=32, seed=0),
     )
 
 

@@ -189,14 +189,14 @@ import os
 from pytest_spinal import DepthTrace, TraceSettings, assert_trace_close
 
 
-def make_trace(last_transport, dtype="float32"):
+def make_trace(last_transport, tail_window=(0.5, 0.9)):
     return DepthTrace(
         contraction=(1.0, 0.9, 0.8, 0.7, 0.6),
         transport=(0.5, 0.4, 0.3, last_transport),
         transport_per_prompt=((0.5, 0.4, 0.3, last_transport),),
-        settings=TraceSettings(),
+        settings=TraceSettings(tail_window=tail_window),
         probes={"fingerprint": "sha256:0"},
-        checkpoint={"name": "synthetic", "dtype": dtype},
+        checkpoint={"name": "synthetic", "dtype": "float32"},
         environment={},
     )
 
@@ -210,7 +210,7 @@ def test_baseline_fixture(spinal_baseline):
 
 
 def test_mismatch(spinal_baseline):
-    spinal_baseline.assert_close(make_trace(0.2, dtype="bfloat16"), name="test_synthetic/test_baseline_fixture")
+    spinal_baseline.assert_close(make_trace(0.2, tail_window=(0.4, 0.9)), name="test_synthetic/test_baseline_fixture")
 """
 
 
@@ -252,5 +252,5 @@ def test_mismatch_hides_plugin_frames(project, monkeypatch):
 
     result.assert_outcomes(failed=1, deselected=2)
     output = result.stdout.str()
-    assert "model dtype differs: baseline float32, trace bfloat16" in output
+    assert "setting tail_window differs: baseline [0.5, 0.9], trace [0.4, 0.9]" in output
     assert "compare.py" not in output
