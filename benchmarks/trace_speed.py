@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from spinal_variants import save_as_safetensors
+
 KINDS = ("load", "forward", "roofline_forward", "roofline_head", "roofline_spectra", "trace", "peer")
 DEFAULT_SWEEP = (256, 1024, 4096)
 
@@ -84,13 +86,7 @@ def prepare(folder: Path, scratch: Path, sweep: list[int]) -> dict[str, Path]:
     from pytest_spinal.probes import encode_probes, load_probes
 
     loaded = load_checkpoint(DEFAULT_CHECKPOINT, device="cpu")
-
-    # The weights are already dequantised to float32; drop the GGUF marker so they save as safetensors.
-    loaded.model.hf_quantizer = None
-    if hasattr(loaded.model.config, "quantization_config"):
-        del loaded.model.config.quantization_config
-    loaded.model.save_pretrained(folder)
-    loaded.tokenizer.save_pretrained(folder)
+    save_as_safetensors(loaded, folder)
     encoded = encode_probes(loaded.tokenizer, load_probes())
 
     probe_sets = {f"default probes ({encoded.num_tokens} tokens)": encoded.token_ids}

@@ -65,7 +65,9 @@ def torch_dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
 
 
-def load_checkpoint(source: CheckpointSource, *, device: str = "auto", dtype: str = "float32") -> LoadedCheckpoint:
+def load_checkpoint(
+    source: CheckpointSource, *, device: str = "auto", dtype: str = "float32", device_map: str | None = None
+) -> LoadedCheckpoint:
     """Load ``source`` in ``dtype`` onto ``device``.
 
     ``source`` is a local Hugging Face folder (config and weights), a ``.gguf`` file, a folder
@@ -73,8 +75,15 @@ def load_checkpoint(source: CheckpointSource, *, device: str = "auto", dtype: st
     inside its folder, a ``(model, tokenizer)`` pair or a :class:`LoadedCheckpoint`.
     ``hf:owner/name`` is passed to ``from_pretrained`` as a hub id, which needs a network.
 
-    A model passed in is moved to ``device`` and ``dtype`` in place, as ``Module.to`` does.
+    A model passed in is moved to ``device`` and ``dtype`` in place, as ``Module.to`` does. A
+    model that accelerate already dispatched over several devices stays where it is.
+
+    ``device_map`` (``"auto"``, ``"balanced"``, ``"balanced_low_0"`` or ``"sequential"``) loads a
+    checkpoint from files through accelerate, spread over the visible GPUs (and the CPU if they
+    are full), for models larger than one GPU; ``device`` is then ignored.
     """
+    if device_map is not None:
+        _check_device_map(device_map, source)
     if isinstance(source, LoadedCheckpoint):
         return _prepare_loaded(
             source.model, source.tokenizer, name=source.name, device=device, dtype=dtype, fingerprint=source.fingerprint
@@ -88,11 +97,36 @@ def load_checkpoint(source: CheckpointSource, *, device: str = "auto", dtype: st
     text = os.fspath(source)
     files = locate_checkpoint(text)
     if files is None:
-        return _load_hub_id(text, device=device, dtype=dtype)
+        return _load_hub_id(text, device=device, dtype=dtype, device_map=device_map)
 
     logger.info("loading checkpoint %s from %s", text, files.folder)
-    model, tokenizer = _from_pretrained(str(files.folder), gguf_file=files.gguf_file, dtype=dtype)
+    model, tokenizer = _from_pretrained(str(files.folder), gguf_file=files.gguf_file, dtype=dtype, device_map=device_map)
     return _prepare_loaded(model, tokenizer, name=text, device=device, dtype=dtype, fingerprint=files.fingerprint)
+
+
+#: Values of ``device_map`` that transformers and accelerate plan themselves.
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def dispatched_devices(model: Any) -> list[str]:
+    """Return the devices that accelerate spread ``model`` over, or ``[]`` for a model on one device."""
+    device_map = getattr(model, "hf_device_map", None) or {}
+    devices = sorted({str(device) for device in device_map.values()})
+    return devices if len(devices) > 1 else []
+
+
+def _check_device_map(device_map: str, source: Any) -> None:
+    import importlib.util
+
+    if device_map not in DEVICE_MAPS:
+        raise CheckpointError(f"device_map {device_map!r} is not supported; use one of {', '.join(DEVICE_MAPS)}")
+    if isinstance(source, (tuple, LoadedCheckpoint)):
+        raise CheckpointError(
+            "device_map applies when a checkpoint is loaded from files; dispatch an in-memory model "
+            "with accelerate.dispatch_model, or pass a checkpoint path"
+        )
+    if importlib.util.find_spec("accelerate") is None:
+        raise CheckpointError(f"device_map={device_map!r} needs the accelerate package: pip install accelerate")
 
 
 def package_checkpoint_path(spec: str) -> Path:
@@ -207,21 +241,22 @@ def _weight_files(folder: Path) -> list[Path]:
     return files + [folder / "config.json"]
 
 
-def _load_hub_id(text: str, *, device: str, dtype: str) -> LoadedCheckpoint:
+def _load_hub_id(text: str, *, device: str, dtype: str, device_map: str | None) -> LoadedCheckpoint:
     hub_id = text[len(HUB_PREFIX) :]
     logger.info("loading %r from the Hugging Face hub", hub_id)
-    model, tokenizer = _from_pretrained(hub_id, gguf_file=None, dtype=dtype)
+    model, tokenizer = _from_pretrained(hub_id, gguf_file=None, dtype=dtype, device_map=device_map)
     return _prepare_loaded(model, tokenizer, name=text, device=device, dtype=dtype)
 
 
-def _from_pretrained(location: str, *, gguf_file: str | None, dtype: str) -> tuple[Any, Any]:
+def _from_pretrained(location: str, *, gguf_file: str | None, dtype: str, device_map: str | None = None) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     options: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
+    model_options = {"device_map": device_map} if device_map is not None else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, **options)
         # GGUF weights dequantise to float32; the dtype conversion happens afterwards.
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype(dtype), **options)
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype(dtype), **options, **model_options)
     except (OSError, ValueError, ImportError) as error:
         raise CheckpointError(f"checkpoint {location!r} could not be loaded: {error}") from error
     return model, tokenizer
@@ -233,7 +268,14 @@ def _prepare_loaded(
     from pytest_spinal.architectures import resolve_lens
 
     resolve_lens(model)
-    model = model.to(device=resolve_device(device), dtype=torch_dtype(dtype))
+    devices = dispatched_devices(model)
+    if not devices:
+        model = model.to(device=resolve_device(device), dtype=torch_dtype(dtype))
+    elif next(model.parameters()).dtype != torch_dtype(dtype):
+        raise CheckpointError(
+            f"the model is dispatched over {', '.join(devices)} in {next(model.parameters()).dtype}, "
+            f"so it cannot be cast to {dtype}; load it in {dtype} or trace in its own dtype"
+        )
     model.eval()
     if fingerprint is None:
         fingerprint = fingerprint_tensors(model)

@@ -36,13 +36,15 @@ def format_table(trace: DepthTrace) -> str:
     rows = []
     for layer, value in enumerate(trace.contraction):
         transport = trace.transport[layer] if layer < trace.num_layers else None
-        rows.append((layer, value, transport))
-    table = tabulate(
-        rows,
-        headers=("layer", "contraction", "transport to next"),
-        floatfmt=".4f",
-        missingval="",
-    )
+        row: tuple = (layer, value, transport)
+        if trace.spread is not None:
+            transport_spread = trace.spread.transport[layer] if layer < trace.num_layers else None
+            row = (layer, value, trace.spread.contraction[layer], transport, transport_spread)
+        rows.append(row)
+    headers: tuple = ("layer", "contraction", "transport to next")
+    if trace.spread is not None:
+        headers = ("layer", "contraction", "spread", "transport to next", "spread")
+    table = tabulate(rows, headers=headers, floatfmt=".4f", missingval="")
 
     bands = trace.band_means()
     summary = [f"path length (sum of transport): {trace.path_length:.4f} rad"]
@@ -73,6 +75,12 @@ def _build_parser() -> argparse.ArgumentParser:
     trace.add_argument("--probes", default=None, help="probe set: a .jsonl file or a text file with one prompt a line (default: the packaged set)")
     trace.add_argument("--out", default=None, help="write the depth trace as JSON to this file")
     trace.add_argument("--device", default="auto", help="torch device: auto (CUDA when present), cpu, cuda, cuda:1 (default: auto)")
+    trace.add_argument(
+        "--device-map",
+        default=None,
+        choices=("auto", "balanced", "balanced_low_0", "sequential"),
+        help="spread the model over several GPUs through accelerate, for a model larger than one GPU (default: off)",
+    )
     trace.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="dtype the model runs in (default: float32)")
     trace.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass (default: 8)")
     trace.add_argument("--chunk-size", type=int, default=256, help="token positions per logit-lens product (default: 256)")
@@ -87,6 +95,11 @@ def _build_parser() -> argparse.ArgumentParser:
     trace.add_argument("--positions", default="all", choices=("all", "last"), help="token positions traced: every real token, or each prompt's last (default: all)")
     trace.add_argument("--metric-dtype", default="float32", choices=("float32", "float64"), help="dtype of the logit-lens softmax and distances (default: float32)")
     trace.add_argument("--no-chat-template", action="store_true", help="tokenise prompts as plain text even when the tokenizer has a chat template")
+    trace.add_argument(
+        "--no-spread",
+        action="store_true",
+        help="skip the spread over prompt resamples (saves time; a trace without it cannot anchor auto tolerances)",
+    )
     trace.set_defaults(handler=_run_trace)
     _add_plot_commands(commands)
     return parser
@@ -97,8 +110,9 @@ def _add_plot_commands(commands: argparse._SubParsersAction) -> None:
     plot.add_argument("trace", help="depth trace JSON file, as written by spinal trace --out")
     plot.add_argument("baseline", nargs="?", default=None, help="baseline trace JSON file to draw the trace against")
     plot.add_argument("--out", default=None, help="PNG file to write (default: the trace's path with .png in place of its suffix)")
-    plot.add_argument("--atol", type=float, default=0.02, help="absolute tolerance of both metrics against the baseline (default: 0.02)")
-    plot.add_argument("--rtol", type=float, default=0.03, help="tolerance of both metrics relative to |baseline| (default: 0.03)")
+    plot.add_argument("--atol", type=float, default=0.015, help="absolute tolerance of both metrics against the baseline (default: 0.015)")
+    plot.add_argument("--rtol", type=float, default=0.0, help="tolerance of both metrics relative to |baseline| (default: 0)")
+    plot.add_argument("--z", type=float, default=2.5, help="multiple of the baseline's spread that both metrics may move, where it exceeds atol + rtol (default: 2.5)")
     plot.set_defaults(handler=_run_plot)
 
     compare = commands.add_parser(
@@ -139,6 +153,8 @@ def _run_trace(arguments: argparse.Namespace) -> int:
         batch_size=arguments.batch_size,
         chunk_size=arguments.chunk_size,
         chat_template=not arguments.no_chat_template,
+        spread=not arguments.no_spread,
+        device_map=arguments.device_map,
     )
 
     print(f"depth trace of {trace.checkpoint['name']} ({trace.checkpoint['model_class']}, {trace.checkpoint['dtype']}, "
@@ -159,7 +175,7 @@ def _run_plot(arguments: argparse.Namespace) -> int:
 
     require_matplotlib()
     try:
-        tolerance = Tolerance(atol=arguments.atol, rtol=arguments.rtol)
+        tolerance = Tolerance(atol=arguments.atol, rtol=arguments.rtol, z=arguments.z)
     except ValueError as error:
         print(f"spinal: error: {error}", file=sys.stderr)
         return 2

@@ -15,14 +15,6 @@ if TYPE_CHECKING:
 
 _SESSION_KEY = pytest.StashKey["SpinalSession"]()
 
-_TOLERANCE_INI = {
-    ("contraction", "atol"): "0.02",
-    ("contraction", "rtol"): "0.03",
-    ("contraction", "z"): "0",
-    ("transport", "atol"): "0.02",
-    ("transport", "rtol"): "0.03",
-    ("transport", "z"): "0",
-}
 _TOLERANCE_HELP = {
     "atol": "default absolute tolerance of {metric} in gates",
     "rtol": "default tolerance of {metric} in gates, relative to |baseline|",
@@ -51,6 +43,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=None,
         metavar="DEVICE",
         help="torch device for tracing: auto, cpu, cuda or cuda:N (default: the spinal_device ini setting)",
+    )
+    group.addoption(
+        "--spinal-device-map",
+        dest="spinal_device_map",
+        default=None,
+        choices=("auto", "balanced", "balanced_low_0", "sequential", "none"),
+        help="spread models over several GPUs through accelerate, for models larger than one GPU "
+        "(default: the spinal_device_map ini setting; 'none' turns it off)",
     )
     group.addoption(
         "--spinal-dtype",
@@ -82,10 +82,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
     parser.addini("spinal_baseline_dir", "folder of baseline JSON files, relative to the rootdir", default="baselines")
     parser.addini("spinal_device", "torch device for tracing: auto, cpu, cuda or cuda:N", default="auto")
+    parser.addini("spinal_device_map", "device_map for loading checkpoints: none, auto, balanced, balanced_low_0 or sequential", default="none")
     parser.addini("spinal_dtype", "dtype models run in while tracing: float32, bfloat16 or float16", default="float32")
     parser.addini("spinal_probes", "default probe set: a file relative to the rootdir, or 'default'", default="default")
-    for (metric, kind), default in _TOLERANCE_INI.items():
-        parser.addini(f"spinal_{metric}_{kind}", _TOLERANCE_HELP[kind].format(metric=metric), default=default)
+    from pytest_spinal.compare import BUILTIN_TOLERANCES
+
+    for metric, tolerance in BUILTIN_TOLERANCES.items():
+        for kind, help_text in _TOLERANCE_HELP.items():
+            parser.addini(f"spinal_{metric}_{kind}", help_text.format(metric=metric), default=f"{getattr(tolerance, kind):g}")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -111,6 +115,7 @@ def pytest_configure(config: pytest.Config) -> None:
         store=BaselineStore(root=root.resolve()),
         update=config.option.spinal_update,
         device=config.option.spinal_device or config.getini("spinal_device"),
+        device_map=_device_map(config.option.spinal_device_map or config.getini("spinal_device_map")),
         dtype=config.option.spinal_dtype or config.getini("spinal_dtype"),
         probes=probes,
         rootpath=rootpath,
@@ -210,6 +215,16 @@ def _report_dir(option: str | None) -> Path | None:
     if directory.exists() and not directory.is_dir():
         raise pytest.UsageError(f"--spinal-report {option} is a file, but the report needs a folder: give another path")
     return directory
+
+
+def _device_map(value: str) -> str | None:
+    from pytest_spinal.checkpoints import DEVICE_MAPS
+
+    if value == "none":
+        return None
+    if value not in DEVICE_MAPS:
+        raise pytest.UsageError(f"spinal_device_map = {value!r} is invalid; use none or one of {', '.join(DEVICE_MAPS)}")
+    return value
 
 
 def _ini_float(config: pytest.Config, name: str) -> float:

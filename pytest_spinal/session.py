@@ -40,6 +40,7 @@ class SpinalSession:
     dtype: str
     probes: str
     rootpath: Path
+    device_map: str | None = None
     traces: dict[tuple, DepthTrace] = field(default_factory=dict)
     current_item: Any = None
     previous_tolerances: dict[str, Tolerance] = field(default_factory=dict)
@@ -119,6 +120,7 @@ class TraceFactory:
         batch_size: int = 8,
         chunk_size: int = 256,
         chat_template: bool = True,
+        device_map: str | None = None,
     ) -> DepthTrace:
         """Return the depth trace of ``checkpoint``, computing it only on the first request."""
         from pytest_spinal.checkpoints import resolve_device
@@ -131,7 +133,8 @@ class TraceFactory:
         settings = settings or TraceSettings()
         dtype = dtype or session.dtype
         device = resolve_device(device or session.device)
-        key = (_checkpoint_key(checkpoint), probe_set, chat_template, settings, dtype, device, batch_size, chunk_size)
+        device_map = device_map or session.device_map
+        key = (_checkpoint_key(checkpoint), probe_set, chat_template, settings, dtype, device, device_map, batch_size, chunk_size)
 
         self.requested += 1
         trace = session.traces.get(key)
@@ -146,6 +149,7 @@ class TraceFactory:
                 batch_size=batch_size,
                 chunk_size=chunk_size,
                 chat_template=chat_template,
+                device_map=device_map,
                 # Only a trace that may be written as a baseline needs the spread (it costs resampling).
                 spread=session.update,
             )

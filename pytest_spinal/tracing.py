@@ -16,7 +16,7 @@ from typing import Any, Iterator
 
 from pytest_spinal import __version__
 from pytest_spinal.architectures import LogitLens, resolve_lens
-from pytest_spinal.checkpoints import CheckpointSource, LoadedCheckpoint, load_checkpoint
+from pytest_spinal.checkpoints import CheckpointSource, LoadedCheckpoint, dispatched_devices, load_checkpoint
 from pytest_spinal.errors import TraceError
 from pytest_spinal.metrics import contraction, fisher_rao_from_roots, tail_exponent
 from pytest_spinal.probes import EncodedProbes, ProbeSource, encode_probes, load_probes
@@ -31,7 +31,7 @@ DEFAULT_CHUNK_SIZE = 256
 SPREAD_RESAMPLES = 32
 SPREAD_SEED = 0
 
-#: Fewest prompts for which a spread is computed; with fewer, resamples repeat the same few prompts.
+#: Minimum number of prompts for a spread, because resamples of fewer repeat the same few prompts.
 MIN_SPREAD_PROMPTS = 8
 
 #: Largest size of the per-prompt Gram matrices kept at once while resampling one layer.
@@ -57,16 +57,18 @@ def trace_checkpoint(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     chat_template: bool = True,
     spread: bool = True,
+    device_map: str | None = None,
 ) -> DepthTrace:
     """Load ``checkpoint`` and trace it over ``probes`` (the packaged default set when ``None``).
 
     ``batch_size`` prompts share a forward pass and ``chunk_size`` positions share one logit-lens
     product; neither changes the result beyond float rounding. ``spread`` adds the probe set's
     measured noise (:class:`TraceSpread`), which a baseline needs for ``auto`` tolerances; a
-    trace that is only compared with a baseline can skip it. See :func:`load_checkpoint` for the
-    accepted checkpoints and :func:`load_probes` for probe sets.
+    trace that is only compared with a baseline can skip it. ``device_map="auto"`` spreads a model
+    too large for one GPU over several. See :func:`load_checkpoint` for the accepted checkpoints
+    and device maps, and :func:`load_probes` for probe sets.
     """
-    loaded = load_checkpoint(checkpoint, device=device, dtype=dtype)
+    loaded = load_checkpoint(checkpoint, device=device, dtype=dtype, device_map=device_map)
     encoded = encode_probes(loaded.tokenizer, load_probes(probes), chat_template=chat_template)
     return trace_loaded(
         loaded, encoded, settings=settings or TraceSettings(), batch_size=batch_size, chunk_size=chunk_size, spread=spread
@@ -90,7 +92,8 @@ def trace_loaded(
 
     model = loaded.model
     lens = resolve_lens(model)
-    device = next(model.parameters()).device
+    # With a device map, the embeddings' device takes the input and each layer stays where it is.
+    device = model.get_input_embeddings().weight.device
     metric_dtype = getattr(torch, settings.metric_dtype)
     accumulator = _Accumulator(states=[[] for _ in range(lens.num_layers + 1)], distances=[[] for _ in range(lens.num_layers)])
 
@@ -132,7 +135,7 @@ def trace_loaded(
             "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
             "hidden_size": int(accumulator.states[0][0].shape[-1]),
         },
-        environment=_environment(device),
+        environment=_environment(device, dispatched_devices(model)),
         run={"batch_size": batch_size, "chunk_size": chunk_size},
         spread=measured_spread,
     )
@@ -179,13 +182,13 @@ def _trace_batch(
 
     layer_states = []
     for layer, states in enumerate(hidden_states):
-        real = states[selected]
+        real = states[selected.to(states.device)]
         _check_finite(real, layer=layer, first_prompt=first_prompt, counts=counts)
         accumulator.states[layer].append(real.to(torch.float32))
         layer_states.append(real)
 
     # The decoder's last_hidden_state went through the final norm: it is what the head sees.
-    final = output.last_hidden_state[selected]
+    final = output.last_hidden_state[selected.to(output.last_hidden_state.device)]
     for begin in range(0, final.shape[0], chunk_size):
         rows = slice(begin, begin + chunk_size)
         previous = lens.root_probs(layer_states[0][rows], normalised=False, dtype=metric_dtype)
@@ -358,14 +361,17 @@ def resampled_contractions(states: Any, prompt_tokens: list[int], weights: Any, 
     return values
 
 
-def _environment(device: Any) -> dict[str, Any]:
+def _environment(device: Any, dispatched: list[str]) -> dict[str, Any]:
     import torch
     import transformers
 
-    return {
+    environment = {
         "device": str(device) if device.type == "cpu" else f"{device} ({torch.cuda.get_device_name(device)})",
         "pytest_spinal": __version__,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
     }
+    if dispatched:
+        environment["device_map"] = dispatched
+    return environment

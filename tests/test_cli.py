@@ -40,8 +40,19 @@ def test_trace_table_matches_file(tmp_path, capsys):
     main(["trace", str(tiny_model_path("gpt2")), "--out", str(out), "--device", "cpu"])
 
     trace = DepthTrace.load(out)
-    printed = [float(row[1]) for row in table_rows(capsys.readouterr().out)]
-    assert printed == [round(value, 4) for value in trace.contraction]
+    rows = table_rows(capsys.readouterr().out)
+    assert [float(row[1]) for row in rows] == [round(value, 4) for value in trace.contraction]
+    assert [float(row[2]) for row in rows] == [round(value, 4) for value in trace.spread.contraction]
+    assert [float(row[4]) for row in rows[:-1]] == [round(value, 4) for value in trace.spread.transport]
+
+
+def test_trace_without_spread(tmp_path, capsys):
+    out = tmp_path / "trace.json"
+
+    main(["trace", str(tiny_model_path("gpt2")), "--out", str(out), "--device", "cpu", "--no-spread"])
+
+    assert DepthTrace.load(out).spread is None
+    assert len(table_rows(capsys.readouterr().out)[1]) == 3
 
 
 def test_trace_options_recorded(tmp_path, capsys):

@@ -194,7 +194,7 @@ def test_plot_without_matplotlib_exit_2(trace_files, tmp_path, monkeypatch, caps
 
 
 def test_plot_zero_tolerance_exit_2(trace_files, tmp_path, capsys):
-    status = main(["plot", trace_files["aligned"], trace_files["base"], "--atol", "0", "--rtol", "0", "--out", str(tmp_path / "x.png")])
+    status = main(["plot", trace_files["aligned"], trace_files["base"], "--atol", "0", "--rtol", "0", "--z", "0", "--out", str(tmp_path / "x.png")])
 
     assert status == 2
     assert "allows no change" in capsys.readouterr().err

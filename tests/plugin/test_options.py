@@ -11,6 +11,7 @@ OPTIONS = [
     "--spinal-update",
     "--spinal-baseline-dir=DIR",
     "--spinal-device=DEVICE",
+    "--spinal-device-map={auto,balanced,balanced_low_0,sequential,none}",
     "--spinal-dtype={float32,bfloat16,float16}",
     "--spinal-probes=FILE",
     "--spinal-prune",
@@ -19,12 +20,15 @@ OPTIONS = [
 INI_SETTINGS = [
     "spinal_baseline_dir",
     "spinal_device",
+    "spinal_device_map",
     "spinal_dtype",
     "spinal_probes",
     "spinal_contraction_atol",
     "spinal_contraction_rtol",
+    "spinal_contraction_z",
     "spinal_transport_atol",
     "spinal_transport_rtol",
+    "spinal_transport_z",
 ]
 
 GATE_MODULE = """
@@ -112,7 +116,7 @@ def test_ini_tolerance_restored_after_session(project):
 
 
 def test_ini_tolerance_reaches_gate(project):
-    project.makeini("[pytest]\nspinal_transport_atol = 1.0\nspinal_transport_rtol = 0.5\n")
+    project.makeini("[pytest]\nspinal_transport_atol = 1.0\nspinal_transport_rtol = 0.5\nspinal_transport_z = 3\n")
     project.makepyfile(
         test_tolerance="""
 from pytest_spinal import Tolerance
@@ -120,7 +124,7 @@ from pytest_spinal.compare import DEFAULT_TOLERANCES
 
 
 def test_default_tolerance():
-    assert DEFAULT_TOLERANCES["transport"] == Tolerance(atol=1.0, rtol=0.5)
+    assert DEFAULT_TOLERANCES["transport"] == Tolerance(atol=1.0, rtol=0.5, z=3)
 """
     )
 
@@ -155,5 +159,25 @@ def test_invalid_dtype_option_is_usage_error(project):
 
 def test_default_tolerance_unchanged_by_plugin():
     # The ini defaults equal the library defaults, so a suite without ini settings gates alike.
-    assert compare.DEFAULT_TOLERANCES["contraction"] == Tolerance(atol=0.02, rtol=0.03)
-    assert compare.DEFAULT_TOLERANCES["transport"] == Tolerance(atol=0.02, rtol=0.03)
+    assert compare.DEFAULT_TOLERANCES == dict(compare.BUILTIN_TOLERANCES)
+    assert compare.DEFAULT_TOLERANCES["contraction"] == Tolerance(atol=0.015, z=2.5)
+    assert compare.DEFAULT_TOLERANCES["transport"] == Tolerance(atol=0.015, z=2.5)
+
+
+def test_device_map_option_traces_alike(project):
+    # On a machine with one device the mapped model traces like the plain one.
+    project.makepyfile(test_gate=GATE_MODULE)
+    project.runpytest("--spinal-update").assert_outcomes(passed=1)
+
+    result = project.runpytest("--spinal-device-map=auto", "-o", "spinal_contraction_z=0", "-o", "spinal_transport_z=0")
+
+    result.assert_outcomes(passed=1)
+
+
+def test_invalid_device_map_ini_is_usage_error(project):
+    project.makepyfile(test_gate=GATE_MODULE)
+
+    result = project.runpytest("-o", "spinal_device_map=everywhere")
+
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*spinal_device_map = 'everywhere' is invalid; use none or one of auto, balanced*"])
