@@ -30,11 +30,17 @@ def singular_values(states: torch.Tensor) -> torch.Tensor:
 
     states = states.to(torch.float64)
     tokens, width = states.shape
-    gram = states.T @ states if width <= tokens else states @ states.T
-    eigenvalues = torch.linalg.eigvalsh(gram)
+    return singular_values_from_gram(states.T @ states if width <= tokens else states @ states.T)
 
-    # Rounding can leave eigenvalues of a rank-deficient Gram matrix slightly negative.
-    return eigenvalues.clamp(min=0.0).sqrt().flip(0)
+
+def singular_values_from_gram(gram: torch.Tensor) -> torch.Tensor:
+    """Return singular values, largest first, from a Gram matrix ``X.T @ X`` (or a batch of them).
+
+    The Gram matrix should be float64. Its eigenvalues are the squared singular values of ``X``;
+    rounding can leave those of a rank-deficient matrix slightly negative, and they become 0.
+    """
+    eigenvalues = torch.linalg.eigvalsh(gram)
+    return eigenvalues.clamp(min=0.0).sqrt().flip(-1)
 
 
 def numerical_rank(values: torch.Tensor, *, shape: tuple[int, int]) -> int:

@@ -1,7 +1,9 @@
 """Trace a checkpoint over a probe set into a :class:`DepthTrace`.
 
-One forward pass per batch returns every layer's hidden states. Contraction needs all real-token
-states of a layer at once, so those are kept (float32, N x d per layer). Transport streams: for
+One forward pass per batch returns every layer's hidden states. Contraction needs the spectrum of
+all real-token states of a layer. Where the spread is measured, or where N x d float32 states take
+less memory than a d x d float64 Gram matrix, those states are kept. Otherwise each layer's Gram
+matrix is summed batch by batch and the states are dropped. Transport streams: for
 each chunk of real-token positions the logit lens runs layer by layer, holding only the current
 and previous layer's log-probabilities (two chunks of vocabulary-sized rows).
 """
@@ -18,7 +20,7 @@ from pytest_spinal import __version__
 from pytest_spinal.architectures import LogitLens, resolve_lens
 from pytest_spinal.checkpoints import CheckpointSource, LoadedCheckpoint, dispatched_devices, load_checkpoint
 from pytest_spinal.errors import TraceError
-from pytest_spinal.metrics import contraction, fisher_rao_from_roots, tail_exponent
+from pytest_spinal.metrics import contraction, fisher_rao_from_roots, singular_values_from_gram, tail_exponent
 from pytest_spinal.probes import EncodedProbes, ProbeSource, encode_probes, load_probes
 from pytest_spinal.trace import DepthTrace, TraceSettings, TraceSpread
 
@@ -40,10 +42,31 @@ _PROMPT_GRAMS_MAX_BYTES = 1 << 30
 
 @dataclass
 class _Accumulator:
-    """Per-layer real-token states and per-token transport, gathered batch by batch."""
+    """Per-layer real-token states (or their Gram matrices) and per-token transport, gathered batch by batch.
 
+    With ``keep_states`` each layer's states are kept (float32), else ``grams[layer]`` sums
+    ``states.T @ states`` in float64 and ``rows`` counts the states.
+    """
+
+    keep_states: bool
     states: list[list[Any]]
+    grams: list[Any]
     distances: list[list[Any]]
+    rows: int = 0
+    hidden_size: int = 0
+
+    def add_states(self, layer: int, real: Any) -> None:
+        import torch
+
+        if layer == 0:
+            self.rows += real.shape[0]
+            self.hidden_size = real.shape[-1]
+        if self.keep_states:
+            self.states[layer].append(real.to(torch.float32))
+            return
+        wide = real.to(torch.float64)
+        gram = wide.T @ wide
+        self.grams[layer] = gram if self.grams[layer] is None else self.grams[layer].add_(gram)
 
 
 def trace_checkpoint(
@@ -95,7 +118,15 @@ def trace_loaded(
     # With a device map, the embeddings' device takes the input and each layer stays where it is.
     device = model.get_input_embeddings().weight.device
     metric_dtype = getattr(torch, settings.metric_dtype)
-    accumulator = _Accumulator(states=[[] for _ in range(lens.num_layers + 1)], distances=[[] for _ in range(lens.num_layers)])
+    # A d x d float64 Gram matrix is smaller than N x d float32 states once N exceeds 2 d.
+    positions = encoded.num_tokens if settings.positions == "all" else len(encoded.token_ids)
+    hidden_size = model.get_input_embeddings().weight.shape[-1]
+    accumulator = _Accumulator(
+        keep_states=spread or positions <= 2 * hidden_size,
+        states=[[] for _ in range(lens.num_layers + 1)],
+        grams=[None] * (lens.num_layers + 1),
+        distances=[[] for _ in range(lens.num_layers)],
+    )
 
     logger.info(
         "tracing %s: %d prompts, %d tokens, %d layers, batches of %d on %s",
@@ -110,7 +141,7 @@ def trace_loaded(
             prompt_tokens.extend(counts)
             logger.info("traced prompts %d-%d of %d", start + 1, start + len(batch), len(encoded.token_ids))
 
-        contraction_profile = _contraction_profile(accumulator.states, settings)
+        contraction_profile = _contraction_profile(accumulator, settings)
         transport, per_prompt = _transport_profile(accumulator.distances, prompt_tokens)
         measured_spread = _spread(accumulator, prompt_tokens, settings) if spread else None
 
@@ -133,7 +164,7 @@ def trace_loaded(
             "model_class": type(model).__name__,
             "model_type": model.config.model_type,
             "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-            "hidden_size": int(accumulator.states[0][0].shape[-1]),
+            "hidden_size": int(accumulator.hidden_size),
         },
         environment=_environment(device, dispatched_devices(model)),
         run={"batch_size": batch_size, "chunk_size": chunk_size},
@@ -184,13 +215,12 @@ def _trace_batch(
     for layer, states in enumerate(hidden_states):
         real = states[selected.to(states.device)]
         _check_finite(real, layer=layer, first_prompt=first_prompt, counts=counts)
-        accumulator.states[layer].append(real.to(torch.float32))
+        accumulator.add_states(layer, real)
         layer_states.append(real)
 
     # The decoder's last_hidden_state went through the final norm: it is what the head sees.
     final = output.last_hidden_state[selected.to(output.last_hidden_state.device)]
-    for begin in range(0, final.shape[0], chunk_size):
-        rows = slice(begin, begin + chunk_size)
+    for rows in _equal_chunks(final.shape[0], chunk_size):
         previous = lens.root_probs(layer_states[0][rows], normalised=False, dtype=metric_dtype)
         for layer in range(1, lens.num_layers + 1):
             if layer == lens.num_layers:
@@ -200,6 +230,21 @@ def _trace_batch(
             accumulator.distances[layer - 1].append(fisher_rao_from_roots(previous, current).to(torch.float64))
             previous = current
     return counts
+
+
+def _equal_chunks(total: int, chunk_size: int) -> list[slice]:
+    """Split ``total`` positions into the fewest chunks of at most ``chunk_size``, all of nearly one size.
+
+    Equal sizes keep the lens's vocabulary-sized temporaries few in size. A short last chunk of
+    every batch, each of another size, fragments the C heap: glibc serves allocations below its
+    mmap threshold (which rises to 32 MiB as large blocks are freed) from the heap, and with many
+    sizes the freed blocks are not reused. On SmolLM2 that raised the trace's peak memory by gigabytes.
+    """
+    count = -(-total // chunk_size)
+    if count == 0:
+        return []
+    bounds = [total * index // count for index in range(count + 1)]
+    return [slice(begin, end) for begin, end in zip(bounds, bounds[1:])]
 
 
 @contextlib.contextmanager
@@ -254,14 +299,18 @@ def _check_finite(states: Any, *, layer: int, first_prompt: int, counts: list[in
     )
 
 
-def _contraction_profile(states: list[list[Any]], settings: TraceSettings) -> tuple[float, ...]:
+def _contraction_profile(accumulator: _Accumulator, settings: TraceSettings) -> tuple[float, ...]:
     import torch
 
     profile = []
-    for layer, chunks in enumerate(states):
-        matrix = torch.cat(chunks)
+    for layer in range(len(accumulator.states)):
         try:
-            profile.append(contraction(matrix, window=settings.tail_window))
+            if accumulator.keep_states:
+                profile.append(contraction(torch.cat(accumulator.states[layer]), window=settings.tail_window))
+            else:
+                values = singular_values_from_gram(accumulator.grams[layer])
+                shape = (accumulator.rows, accumulator.hidden_size)
+                profile.append(tail_exponent(values, window=settings.tail_window, shape=shape))
         except TraceError as error:
             raise TraceError(f"layer {layer}: {error}") from None
     return tuple(profile)
@@ -348,11 +397,9 @@ def resampled_contractions(states: Any, prompt_tokens: list[int], weights: Any, 
         row_weights = weights.to(states.device).repeat_interleave(torch.tensor(prompt_tokens, device=states.device), dim=1)
         grams = torch.stack([(states * row[:, None]).T @ states for row in row_weights])
 
-    eigenvalues = torch.linalg.eigvalsh(grams).cpu()
     token_counts = weights @ torch.tensor(prompt_tokens, dtype=torch.float64)
     values = []
-    for resample, spectrum in enumerate(eigenvalues):
-        singular = spectrum.clamp(min=0.0).sqrt().flip(0)
+    for resample, singular in enumerate(singular_values_from_gram(grams).cpu()):
         shape = (int(token_counts[resample]), width)
         try:
             values.append(tail_exponent(singular, window=settings.tail_window, shape=shape))

@@ -317,3 +317,29 @@ def test_trace_turns_tf32_off_then_restores(monkeypatch):
     assert seen
     assert not any(seen)
     assert restored is True
+
+
+# Streamed Gram matrices and chunking
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_streamed_gram_matches_kept_states(family, tiny_model, default_trace):
+    # Without a spread the trace sums each layer's Gram matrix per batch instead of keeping states.
+    streamed = trace_checkpoint(tiny_model(family), device="cpu", spread=False)
+    kept = default_trace(family)
+
+    torch.testing.assert_close(as_tensor(streamed.contraction), as_tensor(kept.contraction), rtol=0.0, atol=1e-9)
+    assert streamed.transport == kept.transport
+
+
+@pytest.mark.parametrize(
+    ("total", "chunk_size", "sizes"),
+    [(10, 4, [3, 3, 4]), (8, 4, [4, 4]), (3, 256, [3]), (257, 256, [128, 129]), (0, 4, [])],
+)
+def test_equal_chunks(total, chunk_size, sizes):
+    from pytest_spinal.tracing import _equal_chunks
+
+    chunks = _equal_chunks(total, chunk_size)
+
+    assert [chunk.stop - chunk.start for chunk in chunks] == sizes
+    assert [chunk.start for chunk in chunks] == [sum(sizes[:index]) for index in range(len(sizes))]
