@@ -6,7 +6,7 @@ about 256, 1024 and 4096 tokens:
 - forward: a plain forward pass (decoder, logits of the last position only);
 - roofline: a forward pass with hidden states, plus L output-head products over the same tokens,
   plus the L+1 spectra, each timed on its own and summed;
-- trace: ``trace_loaded``, what the plugin runs;
+- trace: ``trace_loaded`` without the spread, what a gate run of the plugin runs;
 - peer: the logit lens of every layer materialised at once, as logit-lens notebooks do, with the
   same metric definitions.
 
@@ -222,7 +222,8 @@ def measure_trace(loaded, encoded, prepared) -> None:
     from pytest_spinal.trace import TraceSettings
     from pytest_spinal.tracing import trace_loaded
 
-    trace_loaded(loaded, encoded, settings=TraceSettings())
+    # A gate run skips the spread; only recording a baseline measures it.
+    trace_loaded(loaded, encoded, settings=TraceSettings(), spread=False)
 
 
 def measure_peer(loaded, encoded, prepared) -> None:

@@ -69,6 +69,8 @@ class SpinalSession:
             "worst_excess": round(worst.excess, 4) if worst else 0.0,
             "verdict": "passed" if comparison.passed else "failed",
         }
+        if comparison.notes:
+            record["notes"] = list(comparison.notes)
         if self.report_dir is not None and self.current_item is not None:
             from pytest_spinal.html_report import render_gate
 

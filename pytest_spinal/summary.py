@@ -55,6 +55,9 @@ def _gate_lines(session: SpinalSession) -> list[str]:
     lines = [f"{plural(len(gates), 'gate')}: {counts}", *table.splitlines()]
     if len(gates) > MAX_SUMMARY_ROWS:
         lines.append(f"... and {len(gates) - MAX_SUMMARY_ROWS} more gates")
+    # Notes (another model dtype or device than the baseline's) matter most on gates that passed.
+    notes = sorted({note for gate in gates for note in gate.get("notes", [])})
+    lines += [f"note: {note}" for note in notes]
     return lines
 
 

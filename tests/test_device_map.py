@@ -1,7 +1,7 @@
 """Loading with a device map through accelerate, for models larger than one GPU.
 
-This machine has at most one device, so these tests check that a device-mapped load traces the
-same as a plain one and that misuse is rejected; a split over several GPUs is not exercised.
+The test machines have at most one device. These tests check that a device-mapped load traces
+like a plain one and that misuse is rejected, but they never split a model over several GPUs.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def test_single_device_map_is_not_dispatched():
     assert dispatched_devices(model) == []
 
 
-def test_dispatched_model_stays_in_place_but_keeps_its_dtype():
+def test_dispatched_model_keeps_dtype():
     model, tokenizer = load_tiny_model("llama")
     model.hf_device_map = {"model.embed_tokens": "cpu", "model.layers": "cpu:1"}
 

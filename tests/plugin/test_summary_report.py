@@ -144,6 +144,7 @@ def test_junit_records_failed_gate(report_project):
         {
             "baseline": "baselines/test_report/test_drifting.json",
             "checkpoint": "synthetic",
+            "notes": ["baselines/test_report/test_drifting.json has no spread, so the auto tolerances used their fixed part only"],
             "verdict": "failed",
             "worst_excess": 1.02,
             "worst_layer": "transport 3->4",
