@@ -7,10 +7,10 @@ under the fixed part of the tolerances alone, and under the ``auto`` tolerances
 
 - harmless: re-saved as safetensors and reloaded; traced in bfloat16; traced in batches of 3
   rather than 8; traced with the probes shuffled;
-- regressions: a few steps of DPO with chosen and rejected swapped on
-  ``data/preferences.jsonl``; a few steps of next-token fine-tuning on
-  ``data/unrelated_text.txt``; Gaussian noise on every weight of decoder layers 26-30; the same
-  noise on layers 1-5.
+- regressions: the variants of ``spinal_variants.REGRESSIONS``. They are a few steps of DPO with
+  chosen and rejected swapped on ``data/preferences.jsonl``, a few steps of next-token
+  fine-tuning on ``data/unrelated_text.txt``, and Gaussian noise on every weight of decoder
+  layers 26-30 or of layers 1-5.
 
 Every trace is saved under ``--traces`` (default ``benchmarks/results/gate_variants``), so that
 ``--reuse`` can tabulate again, for instance with other tolerances, without tracing:
@@ -156,7 +156,7 @@ def _regression_builder(name: str, base: Any, trace: Callable) -> Callable[[], N
 
 def tabulate_variants(variants: list[Variant], arguments: argparse.Namespace) -> list[dict[str, Any]]:
     """Compare each saved variant trace with the reference under the fixed and the auto tolerances."""
-    from pytest_spinal.tolerance import Tolerance, select_layers
+    from pytest_spinal.tolerance import Tolerance
     from pytest_spinal.trace import DepthTrace
 
     folder = arguments.traces
@@ -188,7 +188,7 @@ def tabulate_variants(variants: list[Variant], arguments: argparse.Namespace) ->
             metric: max(abs(delta.delta) / delta.spread for delta in result["auto"].deltas if delta.metric == metric and delta.spread)
             for metric in ("contraction", "transport")
         }
-        result["target_met"] = all(_target_met(variant, result[mode], reference, select_layers) for mode in modes)
+        result["target_met"] = all(_target_met(variant, result[mode], reference) for mode in modes)
         results.append(result)
     return results
 
@@ -199,7 +199,7 @@ def _compare(observed: Any, reference: Any, tolerances: dict) -> Any:
     return compare_traces(observed, reference, baseline_name=REFERENCE, **tolerances)
 
 
-def _target_met(variant: Variant, comparison: Any, reference: Any, select_layers: Callable) -> bool:
+def _target_met(variant: Variant, comparison: Any, reference: Any) -> bool:
     if variant.harmless:
         return comparison.passed
     if comparison.passed:
@@ -207,7 +207,7 @@ def _target_met(variant: Variant, comparison: Any, reference: Any, select_layers
     if variant.expected_band is None:
         return True
     first = min(delta.layer for delta in comparison.failures)
-    return first in select_layers(variant.expected_band, reference.num_layers)
+    return first in reference.band_layers(variant.expected_band)
 
 
 # Rendering

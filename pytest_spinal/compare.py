@@ -164,12 +164,13 @@ def compare_traces(
     deltas = []
     descriptions = {}
     notes = comparison_notes(observed, expected)
+    auto = []
     for metric in METRICS:
         chosen = _with_default(metric, requested[metric])
         per_layer = tolerance_per_layer(chosen, expected.num_layers)
         descriptions[metric] = "; ".join(_describe(tolerance) for tolerance in chosen)
         deltas.extend(_metric_deltas(metric, observed, expected, per_layer, compared))
-    auto = {tolerance for metric in METRICS for tolerance in _with_default(metric, requested[metric]) if tolerance.z}
+        auto += [tolerance for tolerance in chosen if tolerance.z]
     if auto and expected.spread is None:
         if any(not tolerance.fixed for tolerance in auto):
             raise TraceMismatch(_no_spread_message(baseline_name, update_hint))

@@ -142,8 +142,9 @@ def trace_loaded(
             logger.info("traced prompts %d-%d of %d", start + 1, start + len(batch), len(encoded.token_ids))
 
         contraction_profile = _contraction_profile(accumulator, settings)
-        transport, per_prompt = _transport_profile(accumulator.distances, prompt_tokens)
-        measured_spread = _spread(accumulator, prompt_tokens, settings) if spread else None
+        per_token = _per_token_transport(accumulator.distances)
+        transport, per_prompt = _transport_profile(per_token, prompt_tokens)
+        measured_spread = _spread(accumulator, per_token, prompt_tokens, settings) if spread else None
 
     return DepthTrace(
         contraction=contraction_profile,
@@ -317,20 +318,25 @@ def _contraction_profile(accumulator: _Accumulator, settings: TraceSettings) -> 
     return tuple(profile)
 
 
-def _transport_profile(distances: list[list[Any]], prompt_tokens: list[int]) -> tuple[tuple[float, ...], tuple[tuple[float, ...], ...]]:
+def _per_token_transport(distances: list[list[Any]]) -> Any:
+    """Stack the distances into one CPU tensor: a row per traced position in probe order, a column per layer pair."""
     import torch
 
-    # columns: one per layer pair; rows: one per traced position, in probe order
     per_token = torch.stack([torch.cat(chunks) for chunks in distances], dim=1).cpu()
     if not torch.isfinite(per_token).all():
         raise TraceError("the logit lens produced a non-finite transport distance; trace in float32 or metric_dtype float64")
+    return per_token
+
+
+def _transport_profile(per_token: Any, prompt_tokens: list[int]) -> tuple[tuple[float, ...], tuple[tuple[float, ...], ...]]:
+    import torch
 
     per_prompt = [rows.mean(dim=0) for rows in torch.split(per_token, prompt_tokens)]
     overall = per_token.mean(dim=0)
     return tuple(overall.tolist()), tuple(tuple(row.tolist()) for row in per_prompt)
 
 
-def _spread(accumulator: _Accumulator, prompt_tokens: list[int], settings: TraceSettings) -> TraceSpread | None:
+def _spread(accumulator: _Accumulator, per_token: Any, prompt_tokens: list[int], settings: TraceSettings) -> TraceSpread | None:
     """Measure each layer's spread over bootstrap resamples of the prompts (see :class:`TraceSpread`).
 
     Returns ``None``, with a warning, when the probe set has too few prompts or a resample's
@@ -363,7 +369,6 @@ def _spread(accumulator: _Accumulator, prompt_tokens: list[int], settings: Trace
             return None
         contraction_spread.append(float(torch.tensor(values, dtype=torch.float64).std()))
 
-    per_token = torch.stack([torch.cat(chunks) for chunks in accumulator.distances], dim=1).cpu()
     prompt_sums = torch.stack([rows.sum(dim=0) for rows in torch.split(per_token, prompt_tokens)])
     resampled_transport = (weights @ prompt_sums) / (weights @ tokens)[:, None]
     transport_spread = resampled_transport.std(dim=0)

@@ -326,10 +326,10 @@ def test_trace_turns_tf32_off_then_restores(monkeypatch):
 def test_streamed_gram_matches_kept_states(family, tiny_model, default_trace):
     # Without a spread the trace sums each layer's Gram matrix per batch instead of keeping states.
     streamed = trace_checkpoint(tiny_model(family), device="cpu", spread=False)
-    kept = default_trace(family)
+    with_states = default_trace(family)
 
-    torch.testing.assert_close(as_tensor(streamed.contraction), as_tensor(kept.contraction), rtol=0.0, atol=1e-9)
-    assert streamed.transport == kept.transport
+    torch.testing.assert_close(as_tensor(streamed.contraction), as_tensor(with_states.contraction), rtol=0.0, atol=1e-9)
+    assert streamed.transport == with_states.transport
 
 
 @pytest.mark.parametrize(

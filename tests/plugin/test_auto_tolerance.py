@@ -138,3 +138,11 @@ def test_ini_all_zero_rejected(project):
 
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*the spinal_contraction_* ini settings are invalid: Tolerance(atol=0, rtol=0, z=0) allows no change at all*"])
+
+
+def test_layer_list_tolerance_without_spread(synthetic_trace):
+    # A list of layers makes a Tolerance unhashable; the spread check must still work.
+    baseline = synthetic_trace(CONTRACTION, TRANSPORT)
+
+    with pytest.raises(TraceMismatch, match="has no spread"):
+        compare_traces(baseline, baseline, transport=[Tolerance(atol=0.01), Tolerance(z=4, layers=[3, 4])])
