@@ -239,8 +239,9 @@ def _equal_chunks(total: int, chunk_size: int) -> list[slice]:
     Equal sizes keep the sizes of the lens's vocabulary-sized temporaries few. Otherwise a short
     last chunk of another size in every batch fragments the C heap. glibc serves allocations below
     its mmap threshold from the heap, and that threshold rises to 32 MiB as large blocks are freed.
-    With many sizes the freed blocks are not reused. On SmolLM2 this raised the trace's peak
-    memory from 1.3 GiB to 3.7 GiB (Linux, glibc, torch 2.13 on the CPU).
+    With many sizes the freed blocks are not reused. On SmolLM2 the trace peaked at 4.4-5.4 GiB
+    before this split and the summed Gram matrices, and at 1.3 GiB after (Linux, glibc, torch 2.13
+    on the CPU, ``benchmarks/trace_speed.py`` runs in BENCHMARKS.md).
     """
     count = -(-total // chunk_size)
     if count == 0:
