@@ -31,6 +31,8 @@ from pathlib import Path
 
 from spinal_variants import save_as_safetensors
 
+from pytest_spinal.tracing import DEFAULT_CHUNK_SIZE
+
 KINDS = ("load", "forward", "roofline_forward", "roofline_head", "roofline_spectra", "trace", "peer")
 DEFAULT_SWEEP = (256, 1024, 4096)
 
@@ -145,26 +147,81 @@ def run_worker(kind: str, folder: Path, token_file: Path, repeats: int) -> dict:
         if needed > PEER_LIMIT_BYTES:
             return {"skipped": f"its lens would hold {needed / 2**30:.1f} GiB at once"}
 
+    # Loading and preparing leave freed memory and a high-water mark of their own; hand the
+    # freed memory back and restart the mark, so that the peak is the measurement's. Weights
+    # mapped from the safetensors file become resident when first read, so read them first.
+    with torch.inference_mode():
+        for parameter in model.parameters():
+            parameter.sum()
+    release_free_memory()
+    start_rss = current_rss_bytes()
+    peak_is_own = reset_peak_rss()
     times = []
     with torch.inference_mode():
         for _ in range(repeats):
             start = time.perf_counter()
             measure(loaded, encoded, prepared)
             times.append(time.perf_counter() - start)
-    return {"times": times, "median": statistics.median(times), "rss_after_load": after_load, "peak_rss": peak_rss_bytes()}
+    return {
+        "times": times,
+        "median": statistics.median(times),
+        "rss_after_load": after_load,
+        "rss_at_start": start_rss,
+        "peak_rss": peak_rss_bytes(),
+        "peak_is_own": peak_is_own,
+        "chunk_bytes": DEFAULT_CHUNK_SIZE * model.config.vocab_size * 4,
+        "gram_bytes": gram_sum_bytes(model.config.num_hidden_layers + 1, model.config.hidden_size),
+    }
+
+
+def gram_sum_bytes(layers: int, width: int) -> int:
+    """Memory of the trace's float64 Gram sums: one d x d matrix per two layers, a diagonal per pair."""
+    pairs = (layers + 1) // 2
+    return pairs * (width * width + width) * 8
 
 
 def current_rss_bytes() -> int:
-    with open("/proc/self/status", encoding="ascii") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    return _status_kib("VmRSS:") * 1024
 
 
 def peak_rss_bytes() -> int:
+    """The resident set's high-water mark: since :func:`reset_peak_rss` where that worked, else since the start."""
+    peak = _status_kib("VmHWM:") * 1024
     # Linux reports ru_maxrss in KiB.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return peak or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Restart the high-water mark at the current resident set (Linux 4.0 and later); say whether that worked."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as refs:
+            refs.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def release_free_memory() -> None:
+    """Collect garbage and ask glibc to return its free heap memory to the system (a no-op elsewhere)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _status_kib(field: str) -> int:
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith(field):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
 
 
 def batches(encoded, size: int = 8):
@@ -207,8 +264,8 @@ def real_token_states(loaded, encoded) -> list:
 def measure_roofline_head(loaded, encoded, states) -> None:
     head = loaded.model.get_output_embeddings()
     for layer_states in states[1:]:
-        for begin in range(0, layer_states.shape[0], 256):
-            head(layer_states[begin : begin + 256])
+        for begin in range(0, layer_states.shape[0], DEFAULT_CHUNK_SIZE):
+            head(layer_states[begin : begin + DEFAULT_CHUNK_SIZE])
 
 
 def measure_roofline_spectra(loaded, encoded, states) -> None:
@@ -263,14 +320,24 @@ def render(results: dict, arguments: argparse.Namespace) -> str:
         f"Command: `python benchmarks/trace_speed.py --repeats {arguments.repeats}"
         + (f" --sweep {' '.join(map(str, arguments.sweep))}" if list(arguments.sweep) != list(DEFAULT_SWEEP) else "")
         + "`",
-        f"Machine: {machine()}. SmolLM2-135M-Instruct, float32, CPU, batches of 8 prompts, lens chunks of 256 positions.",
-        "Times are medians of the repeated runs, in seconds. Peak memory is the subprocess's maximum resident set.",
+        f"Machine: {machine()}. SmolLM2-135M-Instruct, float32, CPU, batches of 8 prompts, lens chunks of {DEFAULT_CHUNK_SIZE} positions.",
+        "Times are medians of the repeated runs, in seconds.",
         "",
-        "| probe set | forward | roofline (fwd + head + spectra) | trace | peer | trace / roofline | peer / trace | peak MiB: weights | trace | peer |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| probe set | forward | roofline (fwd + head + spectra) | trace | peer | trace / roofline | peer / trace |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for label, kinds in results.items():
-        lines.append(render_row(label, kinds))
+    lines += [render_row(label, kinds) for label, kinds in results.items()]
+    lines += [
+        "",
+        "Memory in MiB: the resident set when the measurement starts (weights, runtime and inputs), the",
+        "forward pass's peak above it, two lens chunks of vocabulary-sized float32 rows, their sum",
+        "(the bound), the trace's float64 Gram sums (not in the bound), and the trace's and the peer's",
+        "peak resident set.",
+        "",
+        "| probe set | at start | forward peak above start | two chunks | bound | Gram sums | trace peak | trace within bound | peer peak |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [render_memory_row(label, kinds) for label, kinds in results.items()]
     lines.append("")
     return "\n".join(lines)
 
@@ -286,7 +353,7 @@ def render_memory(results: dict, arguments: argparse.Namespace) -> str:
         + "`",
         f"Machine: {machine()}. SmolLM2-135M-Instruct, float32, CPU, batches of 8 prompts.",
         "",
-        "| probe set | measurement | median s | MiB after load | peak MiB |",
+        "| probe set | measurement | median s | MiB at start | peak MiB |",
         "|---|---|---|---|---|",
     ]
     for label, kinds in results.items():
@@ -294,9 +361,7 @@ def render_memory(results: dict, arguments: argparse.Namespace) -> str:
             if "median" not in result:
                 lines.append(f"| {label} | {kind} | {result.get('skipped') or result.get('error', '?')} | - | - |")
                 continue
-            lines.append(
-                f"| {label} | {kind} | {result['median']:.2f} | {result['rss_after_load'] / 2**20:.0f} | {result['peak_rss'] / 2**20:.0f} |"
-            )
+            lines.append(f"| {label} | {kind} | {result['median']:.2f} | {mebibytes(result.get('rss_at_start'))} | {mebibytes(result['peak_rss'])} |")
     lines.append("")
     return "\n".join(lines)
 
@@ -309,10 +374,6 @@ def render_row(label: str, kinds: dict) -> str:
         value = median(kind)
         return f"{value:.2f}" if value is not None else kinds[kind].get("skipped") or kinds[kind].get("error", "?")
 
-    def mebibytes(kind: str, key: str = "peak_rss") -> str:
-        value = kinds[kind].get(key)
-        return f"{value / 2**20:.0f}" if value else "-"
-
     parts = [median(kind) for kind in ("roofline_forward", "roofline_head", "roofline_spectra")]
     roofline = sum(parts) if all(part is not None for part in parts) else None
     roofline_text = " + ".join(f"{part:.2f}" for part in parts if part is not None)
@@ -321,10 +382,29 @@ def render_row(label: str, kinds: dict) -> str:
     peer = median("peer")
     trace_ratio = f"{trace / roofline:.2f}" if trace and roofline else "-"
     peer_ratio = f"{peer / trace:.2f}" if trace and peer else "-"
+    return f"| {label} | {seconds('forward')} | {roofline_text} | {seconds('trace')} | {seconds('peer')} | {trace_ratio} | {peer_ratio} |"
+
+
+def render_memory_row(label: str, kinds: dict) -> str:
+    """One row of the memory table: the bound is the trace's own start, plus the forward pass's rise, plus two chunks."""
+    forward, trace, peer = kinds["roofline_forward"], kinds["trace"], kinds["peer"]
+    if "peak_rss" not in forward or "peak_rss" not in trace:
+        return f"| {label} | - | - | - | - | - | - | - | - |"
+    rise = forward["peak_rss"] - forward["rss_at_start"]
+    chunks = 2 * trace["chunk_bytes"]
+    bound = trace["rss_at_start"] + rise + chunks
+    within = "yes" if trace["peak_rss"] <= bound else f"no (+{mebibytes(trace['peak_rss'] - bound)})"
+    if not (forward.get("peak_is_own") and trace.get("peak_is_own")):
+        within = "unknown: the peak could not be reset"
+    peer_peak = mebibytes(peer["peak_rss"]) if "peak_rss" in peer else peer.get("skipped") or peer.get("error", "?")
     return (
-        f"| {label} | {seconds('forward')} | {roofline_text} | {seconds('trace')} | {seconds('peer')} | "
-        f"{trace_ratio} | {peer_ratio} | {mebibytes('load', 'rss_after_load')} | {mebibytes('trace')} | {mebibytes('peer')} |"
+        f"| {label} | {mebibytes(trace['rss_at_start'])} | {mebibytes(rise)} | {mebibytes(chunks)} | {mebibytes(bound)} | "
+        f"{mebibytes(trace['gram_bytes'])} | {mebibytes(trace['peak_rss'])} | {within} | {peer_peak} |"
     )
+
+
+def mebibytes(value: int | None) -> str:
+    return f"{value / 2**20:.0f}" if value else "-"
 
 
 def machine() -> str:

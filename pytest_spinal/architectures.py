@@ -58,10 +58,14 @@ class LogitLens:
         such as the decoder's ``last_hidden_state``. Norm, head and soft-capping run as in the
         model's own forward pass.
         """
-        import torch
-
         if not normalised:
             states = self.final_norm(states)
+        return self._output(states)
+
+    def _output(self, states: torch.Tensor) -> torch.Tensor:
+        """Apply the head and any soft-capping to states that went through the final norm."""
+        import torch
+
         logits = self.head(states)
         if self.softcap is not None:
             logits = torch.tanh(logits / self.softcap) * self.softcap
@@ -74,18 +78,58 @@ class LogitLens:
         logits = self.logits(states, normalised=normalised)
         return torch.log_softmax(logits.to(_metric_dtype(dtype)), dim=-1)
 
-    def root_probs(self, states: torch.Tensor, *, normalised: bool, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def root_probs(
+        self, states: torch.Tensor, *, normalised: bool, dtype: torch.dtype | None = None, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Return square roots of next-token probabilities, the input of the Fisher-Rao distance.
 
-        A fused softmax followed by an in-place square root takes two passes over the
-        vocabulary, about a third of the time of exponentiating log-probabilities. Probabilities
-        that underflow to 0 in float32 (below about 1e-38) change the distance by far less than
-        float32 rounding.
+        Where the head is a plain bias-free linear layer in the metric dtype and no soft-capping
+        applies (:meth:`fuses_roots`), the roots come from half the logits:
+        ``sqrt(softmax(z))`` is ``exp(z/2 - max(z)/2)`` divided by its Euclidean norm. Halving
+        the states before the product is exact, and the shift, exponential and division then run
+        in place on the product's output. ``out``, from :meth:`roots_buffer` and cut to the
+        states' rows, receives the product, so a caller that reuses two buffers allocates no
+        vocabulary-sized rows after the first. Other heads fall back to a softmax and a square
+        root, and ignore ``out``. Probabilities that underflow to 0 in float32 (below about
+        1e-38) change the distance by far less than float32 rounding.
         """
         import torch
 
-        logits = self.logits(states, normalised=normalised).to(_metric_dtype(dtype))
-        return torch.softmax(logits, dim=-1).sqrt_()
+        metric_dtype = _metric_dtype(dtype)
+        if not normalised:
+            states = self.final_norm(states)
+        if not self.fuses_roots(metric_dtype):
+            return torch.softmax(self._output(states).to(metric_dtype), dim=-1).sqrt_()
+
+        weight = self.head.weight
+        # In-place passes and out= carry no gradient; the lens is a measurement, never trained through.
+        with torch.no_grad():
+            roots = torch.matmul(states.to(device=weight.device, dtype=metric_dtype) * 0.5, weight.T, out=out)
+            roots.sub_(roots.amax(dim=-1, keepdim=True)).exp_()
+            return roots.div_(torch.linalg.vector_norm(roots, dim=-1, keepdim=True))
+
+    def fuses_roots(self, dtype: torch.dtype) -> bool:
+        """Whether :meth:`root_probs` computes roots in ``dtype`` in place from one product."""
+        import torch
+
+        # accelerate's hooks (device maps, offloading) place or load the weight only inside the
+        # head's own forward call, so hooked heads take the generic path.
+        return (
+            type(self.head) is torch.nn.Linear
+            and not hasattr(self.head, "_hf_hook")
+            and self.head.bias is None
+            and self.softcap is None
+            and self.head.weight.dtype == dtype
+        )
+
+    def roots_buffer(self, rows: int, dtype: torch.dtype) -> torch.Tensor | None:
+        """Return an empty ``rows`` x vocabulary tensor for ``root_probs(out=...)``, or ``None`` where roots are not fused."""
+        import torch
+
+        if not self.fuses_roots(dtype):
+            return None
+        weight = self.head.weight
+        return torch.empty((rows, weight.shape[0]), dtype=dtype, device=weight.device)
 
 
 def resolve_lens(model: torch.nn.Module) -> LogitLens:

@@ -33,13 +33,14 @@ def singular_values(states: torch.Tensor) -> torch.Tensor:
     return singular_values_from_gram(states.T @ states if width <= tokens else states @ states.T)
 
 
-def singular_values_from_gram(gram: torch.Tensor) -> torch.Tensor:
+def singular_values_from_gram(gram: torch.Tensor, *, triangle: str = "L") -> torch.Tensor:
     """Return singular values, largest first, from a Gram matrix ``X.T @ X`` (or a batch of them).
 
-    The Gram matrix should be float64. Its eigenvalues are the squared singular values of ``X``;
+    The Gram matrix should be float64; only its ``triangle`` (``"L"`` lower or ``"U"`` upper,
+    diagonal included) is read. Its eigenvalues are the squared singular values of ``X``;
     rounding can leave those of a rank-deficient matrix slightly negative, and they become 0.
     """
-    eigenvalues = torch.linalg.eigvalsh(gram)
+    eigenvalues = torch.linalg.eigvalsh(gram, UPLO=triangle)
     return eigenvalues.clamp(min=0.0).sqrt().flip(-1)
 
 
@@ -131,12 +132,15 @@ def fisher_rao(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     return fisher_rao_from_roots((log_p.to(dtype) * 0.5).exp(), (log_q.to(dtype) * 0.5).exp())
 
 
-def fisher_rao_from_roots(root_p: torch.Tensor, root_q: torch.Tensor) -> torch.Tensor:
+def fisher_rao_from_roots(root_p: torch.Tensor, root_q: torch.Tensor, *, overwrite: bool = False) -> torch.Tensor:
     """Return the Fisher-Rao distance between rows given as square roots of probabilities.
 
     Tracing keeps ``sqrt(p)`` of each layer so that every layer's lens is exponentiated once.
+    With ``overwrite`` the difference is formed in ``root_p``'s memory, which then holds
+    ``root_p - root_q``; tracing uses it for a buffer it reuses next.
     """
-    chord = torch.linalg.vector_norm(root_p - root_q, dim=-1)
+    difference = root_p.sub_(root_q) if overwrite else root_p - root_q
+    chord = torch.linalg.vector_norm(difference, dim=-1)
 
     # Rounding can push 4 * asin(1) a hair above pi; the distance is bounded by pi.
     return (4.0 * torch.asin((chord * 0.5).clamp(max=1.0))).clamp(max=math.pi)

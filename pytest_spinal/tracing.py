@@ -3,9 +3,10 @@
 One forward pass per batch returns every layer's hidden states. Contraction needs the spectrum of
 all real-token states of a layer. Where the spread is measured, or where N x d float32 states take
 less memory than a d x d float64 Gram matrix, those states are kept. Otherwise each layer's Gram
-matrix is summed batch by batch and the states are dropped. Transport streams: for
-each chunk of real-token positions the logit lens runs layer by layer, holding only the current
-and previous layer's log-probabilities (two chunks of vocabulary-sized rows).
+matrix is summed batch by batch and the states are dropped. Transport streams: real-token
+positions queue up across batches into chunks of ``chunk_size``, and for each chunk the logit
+lens runs layer by layer in two reused buffers that hold the previous and the current layer's
+square-root probabilities (two chunks of vocabulary-sized rows).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import platform
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from pytest_spinal import __version__
@@ -36,21 +37,76 @@ SPREAD_SEED = 0
 #: Minimum number of prompts for a spread, because resamples of fewer repeat the same few prompts.
 MIN_SPREAD_PROMPTS = 8
 
+#: Rows of float32 states converted to float64 at a time for a Gram matrix.
+_GRAM_BLOCK_ROWS = 256
+
 #: Largest size of the per-prompt Gram matrices kept at once while resampling one layer.
 _PROMPT_GRAMS_MAX_BYTES = 1 << 30
+
+
+class _GramSums:
+    """Each layer's Gram matrix ``X.T @ X`` in float64, summed batch by batch, two layers to a matrix.
+
+    A Gram matrix is symmetric, so layer ``2k`` keeps its upper triangle and layer ``2k + 1`` its
+    strict lower triangle in the same d x d matrix, and the odd layer's diagonal apart: half the
+    memory of one matrix per layer. On a 7B model (d = 4096, 33 layers) that is 2.2 GB rather
+    than 4.4 GB. :meth:`gram` rebuilds one layer's matrix for its spectrum.
+    """
+
+    def __init__(self, layers: int) -> None:
+        self.pairs: list[Any] = [None] * ((layers + 1) // 2)
+        self.diagonals: list[Any] = [None] * len(self.pairs)
+        # Per device: a block of float64 rows and a d x d product, reused for every batch and layer
+        # so that the sums allocate nothing per batch (temporaries of a new size in every batch
+        # would fragment the C heap).
+        self.scratch: dict[Any, tuple[Any, Any]] = {}
+
+    def add(self, layer: int, states: Any) -> None:
+        import torch
+
+        width = states.shape[-1]
+        index = layer // 2
+        if self.pairs[index] is None:
+            self.pairs[index] = torch.zeros((width, width), dtype=torch.float64, device=states.device)
+            self.diagonals[index] = torch.zeros(width, dtype=torch.float64, device=states.device)
+        if states.device not in self.scratch:
+            self.scratch[states.device] = (
+                torch.empty((_GRAM_BLOCK_ROWS, width), dtype=torch.float64, device=states.device),
+                torch.empty((width, width), dtype=torch.float64, device=states.device),
+            )
+        rows, product = self.scratch[states.device]
+        product.zero_()
+        for begin in range(0, states.shape[0], _GRAM_BLOCK_ROWS):
+            block = states[begin : begin + _GRAM_BLOCK_ROWS]
+            wide = rows[: block.shape[0]].copy_(block)
+            product.addmm_(wide.T, wide)
+        if layer % 2 == 0:
+            self.pairs[index].add_(product.triu_())
+        else:
+            self.diagonals[index].add_(product.diagonal())
+            self.pairs[index].add_(product.tril_(-1))
+
+    def gram(self, layer: int) -> tuple[Any, str]:
+        """Return a matrix holding ``layer``'s Gram matrix in one triangle, and which triangle (``"U"`` or ``"L"``)."""
+        pair = self.pairs[layer // 2]
+        if layer % 2 == 0:
+            return pair, "U"
+        lower = pair.clone()
+        lower.diagonal().copy_(self.diagonals[layer // 2])
+        return lower, "L"
 
 
 @dataclass
 class _Accumulator:
     """Per-layer real-token states (or their Gram matrices) and per-token transport, gathered batch by batch.
 
-    With ``keep_states`` each layer's states are kept (float32), else ``grams[layer]`` sums
+    With ``keep_states`` each layer's states are kept (float32), else ``grams`` sums
     ``states.T @ states`` in float64 and ``rows`` counts the states.
     """
 
     keep_states: bool
     states: list[list[Any]]
-    grams: list[Any]
+    grams: _GramSums
     distances: list[list[Any]]
     rows: int = 0
     hidden_size: int = 0
@@ -63,11 +119,52 @@ class _Accumulator:
             self.hidden_size = real.shape[-1]
         if self.keep_states:
             self.states[layer].append(real.to(torch.float32))
-            return
-        wide = real.to(torch.float64)
-        gram = wide.T @ wide
-        self.grams[layer] = gram if self.grams[layer] is None else self.grams[layer].add_(gram)
+        else:
+            self.grams.add(layer, real)
 
+
+@dataclass
+class _LensQueue:
+    """Each layer's lens inputs (real-token states) waiting for a full chunk, in probe order.
+
+    Positions carry over from one batch to the next, so every lens product but the last has
+    exactly ``chunk_size`` rows: a batch of 8 prompts holds about 400 positions, and cutting it
+    alone would leave chunks of about 200 rows, whose products run about 10% slower per row.
+    A chunk inside one batch is a view; only a chunk that spans two batches is copied.
+    """
+
+    chunk_size: int
+    pieces: list[list[Any]] = field(default_factory=list)
+    rows: int = 0
+
+    def push(self, inputs: list[Any]) -> list[list[Any]]:
+        """Queue one batch's inputs (one tensor per layer) and return every full chunk."""
+        self.pieces.append(inputs)
+        self.rows += inputs[0].shape[0]
+        return [self._take(self.chunk_size) for _ in range(self.rows // self.chunk_size)]
+
+    def rest(self) -> list[list[Any]]:
+        """Return the last, shorter chunk, if any positions are left."""
+        return [self._take(self.rows)] if self.rows else []
+
+    def _take(self, rows: int) -> list[Any]:
+        import torch
+
+        parts: list[list[Any]] = []
+        while rows:
+            piece = self.pieces[0]
+            available = piece[0].shape[0]
+            if available <= rows:
+                parts.append(self.pieces.pop(0))
+            else:
+                parts.append([layer[:rows] for layer in piece])
+                self.pieces[0] = [layer[rows:] for layer in piece]
+            taken = min(available, rows)
+            rows -= taken
+            self.rows -= taken
+        if len(parts) == 1:
+            return parts[0]
+        return [torch.cat(layer_parts) for layer_parts in zip(*parts)]
 
 def trace_checkpoint(
     checkpoint: CheckpointSource,
@@ -124,7 +221,7 @@ def trace_loaded(
     accumulator = _Accumulator(
         keep_states=spread or positions <= 2 * hidden_size,
         states=[[] for _ in range(lens.num_layers + 1)],
-        grams=[None] * (lens.num_layers + 1),
+        grams=_GramSums(lens.num_layers + 1),
         distances=[[] for _ in range(lens.num_layers)],
     )
 
@@ -134,12 +231,18 @@ def trace_loaded(
     )
     prompt_tokens = []
     with torch.inference_mode(), _full_float32_matmul():
+        # The only vocabulary-sized rows a trace holds: two chunks, reused for every layer and batch.
+        buffers = [lens.roots_buffer(min(chunk_size, positions), metric_dtype) for _ in range(2)]
+        queue = _LensQueue(chunk_size)
         for start in range(0, len(encoded.token_ids), batch_size):
             batch = encoded.token_ids[start : start + batch_size]
-            counts = _trace_batch(lens, batch, device=device, settings=settings, metric_dtype=metric_dtype,
-                                  chunk_size=chunk_size, accumulator=accumulator, first_prompt=start)
+            counts, inputs = _run_batch(lens, batch, device=device, settings=settings, accumulator=accumulator, first_prompt=start)
             prompt_tokens.extend(counts)
+            for chunk in queue.push(inputs):
+                _lens_chunk(lens, chunk, metric_dtype=metric_dtype, buffers=buffers, distances=accumulator.distances)
             logger.info("traced prompts %d-%d of %d", start + 1, start + len(batch), len(encoded.token_ids))
+        for chunk in queue.rest():
+            _lens_chunk(lens, chunk, metric_dtype=metric_dtype, buffers=buffers, distances=accumulator.distances)
 
         contraction_profile = _contraction_profile(accumulator, settings)
         per_token = _per_token_transport(accumulator.distances)
@@ -173,20 +276,19 @@ def trace_loaded(
     )
 
 
-def _trace_batch(
+def _run_batch(
     lens: LogitLens,
     batch: tuple[tuple[int, ...], ...],
     *,
     device: Any,
     settings: TraceSettings,
-    metric_dtype: Any,
-    chunk_size: int,
     accumulator: _Accumulator,
     first_prompt: int,
-) -> list[int]:
-    """Run one left-padded batch, store its real-token states and per-token transport.
+) -> tuple[list[int], list[Any]]:
+    """Run one left-padded batch and add its real-token states to ``accumulator``.
 
-    Returns the number of positions traced per prompt.
+    Returns the number of positions traced per prompt, and the lens's input for each layer 0..L:
+    the real-token states of layers 0..L-1, then the final-normalised states of layer L.
     """
     import torch
 
@@ -212,42 +314,37 @@ def _trace_batch(
         selected[:, -1] = True
     counts = selected.sum(dim=1).tolist()
 
-    layer_states = []
+    inputs = []
     for layer, states in enumerate(hidden_states):
         real = states[selected.to(states.device)]
         _check_finite(real, layer=layer, first_prompt=first_prompt, counts=counts)
         accumulator.add_states(layer, real)
-        layer_states.append(real)
+        inputs.append(real)
 
     # The decoder's last_hidden_state went through the final norm: it is what the head sees.
-    final = output.last_hidden_state[selected.to(output.last_hidden_state.device)]
-    for rows in _equal_chunks(final.shape[0], chunk_size):
-        previous = lens.root_probs(layer_states[0][rows], normalised=False, dtype=metric_dtype)
-        for layer in range(1, lens.num_layers + 1):
-            if layer == lens.num_layers:
-                current = lens.root_probs(final[rows], normalised=True, dtype=metric_dtype)
-            else:
-                current = lens.root_probs(layer_states[layer][rows], normalised=False, dtype=metric_dtype)
-            accumulator.distances[layer - 1].append(fisher_rao_from_roots(previous, current).to(torch.float64))
-            previous = current
-    return counts
+    inputs[-1] = output.last_hidden_state[selected.to(output.last_hidden_state.device)]
+    return counts, inputs
 
 
-def _equal_chunks(total: int, chunk_size: int) -> list[slice]:
-    """Split ``total`` positions into the fewest chunks of at most ``chunk_size``, all of nearly one size.
+def _lens_chunk(lens: LogitLens, inputs: list[Any], *, metric_dtype: Any, buffers: list[Any], distances: list[list[Any]]) -> None:
+    """Run the lens over one chunk of positions, layer by layer, and append each layer pair's distances.
 
-    Equal sizes keep the sizes of the lens's vocabulary-sized temporaries few. Otherwise a short
-    last chunk of another size in every batch fragments the C heap. glibc serves allocations below
-    its mmap threshold from the heap, and that threshold rises to 32 MiB as large blocks are freed.
-    With many sizes the freed blocks are not reused. On SmolLM2 the trace peaked at 4.4-5.4 GiB
-    before this split and the summed Gram matrices, and at 1.3 GiB after (Linux, glibc, torch 2.13
-    on the CPU, ``benchmarks/trace_speed.py`` runs in BENCHMARKS.md).
+    Two buffers take turns: one holds the previous layer's roots, the other receives the
+    current layer's; the distance then overwrites the previous one, which is reused next.
     """
-    count = -(-total // chunk_size)
-    if count == 0:
-        return []
-    bounds = [total * index // count for index in range(count + 1)]
-    return [slice(begin, end) for begin, end in zip(bounds, bounds[1:])]
+    import torch
+
+    size = inputs[0].shape[0]
+    previous = lens.root_probs(inputs[0], normalised=False, dtype=metric_dtype, out=_rows_of(buffers[0], size))
+    for layer in range(1, lens.num_layers + 1):
+        final = layer == lens.num_layers
+        current = lens.root_probs(inputs[layer], normalised=final, dtype=metric_dtype, out=_rows_of(buffers[layer % 2], size))
+        distances[layer - 1].append(fisher_rao_from_roots(previous, current, overwrite=True).to(torch.float64))
+        previous = current
+
+
+def _rows_of(buffer: Any, rows: int) -> Any:
+    return None if buffer is None else buffer[:rows]
 
 
 @contextlib.contextmanager
@@ -311,7 +408,8 @@ def _contraction_profile(accumulator: _Accumulator, settings: TraceSettings) -> 
             if accumulator.keep_states:
                 profile.append(contraction(torch.cat(accumulator.states[layer]), window=settings.tail_window))
             else:
-                values = singular_values_from_gram(accumulator.grams[layer])
+                gram, triangle = accumulator.grams.gram(layer)
+                values = singular_values_from_gram(gram, triangle=triangle)
                 shape = (accumulator.rows, accumulator.hidden_size)
                 profile.append(tail_exponent(values, window=settings.tail_window, shape=shape))
         except TraceError as error:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from transformers import BertConfig, BertForMaskedLM, LlamaModel, OPTConfig, OPTForCausalLM
@@ -172,8 +174,9 @@ def test_lens_layer_count(family, tiny_model):
     assert resolve_lens(model).num_layers == 4
 
 
-def test_root_probs_square_to_probs(tiny_model):
-    model, tokenizer = tiny_model("llama")
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_root_probs_square_to_probs(family, tiny_model):
+    model, tokenizer = tiny_model(family)
     output, _ = run_model(model, tokenizer)
     lens = resolve_lens(model)
     states = output.hidden_states[1]
@@ -182,6 +185,49 @@ def test_root_probs_square_to_probs(tiny_model):
     probabilities = lens.log_probs(states, normalised=False).exp()
 
     torch.testing.assert_close(squared, probabilities)
+    # Soft-capping needs the logits themselves, so only gemma2 takes the softmax path.
+    assert lens.fuses_roots(torch.float32) == (family != "gemma2")
+
+
+def test_root_probs_write_into_the_buffer(tiny_model):
+    model, tokenizer = tiny_model("llama")
+    output, _ = run_model(model, tokenizer)
+    lens = resolve_lens(model)
+    states = output.hidden_states[2][0]
+    buffer = lens.roots_buffer(states.shape[0] + 3, torch.float32)
+
+    roots = lens.root_probs(states, normalised=False, out=buffer[: states.shape[0]])
+
+    assert roots.data_ptr() == buffer.data_ptr()
+    torch.testing.assert_close(roots, lens.log_probs(states, normalised=False).mul(0.5).exp())
+
+
+def test_root_probs_stay_exact_where_exponentials_would_underflow(tiny_model):
+    model, tokenizer = tiny_model("llama")
+    output, _ = run_model(model, tokenizer)
+    lens = resolve_lens(model)
+    # Logits spread over thousands: most probabilities underflow even in float64, the largest do not.
+    states = lens.final_norm(output.hidden_states[2][0]) * 2000.0
+
+    roots = lens.root_probs(states, normalised=True)
+    expected = torch.softmax(lens.head(states).double(), dim=-1).sqrt()
+
+    assert torch.isfinite(roots).all()
+    torch.testing.assert_close(roots.double(), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_root_probs_of_a_bfloat16_head_are_float32(tiny_model):
+    model, tokenizer = tiny_model("llama")
+    output, _ = run_model(model, tokenizer)
+    # A copy, because the fixture's model is shared with other tests.
+    lens = resolve_lens(copy.deepcopy(model).to(torch.bfloat16))
+    states = output.hidden_states[1].to(torch.bfloat16)
+
+    assert not lens.fuses_roots(torch.float32)
+    assert lens.roots_buffer(4, torch.float32) is None
+    roots = lens.root_probs(states, normalised=False, out=None)
+    assert roots.dtype == torch.float32
+    torch.testing.assert_close(roots.pow(2).sum(dim=-1), torch.ones(roots.shape[:-1]))
 
 
 def test_log_probs_never_narrower_than_float32(tiny_model):

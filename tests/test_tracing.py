@@ -14,7 +14,7 @@ import pytest_spinal
 from pytest_spinal.architectures import LogitLens, resolve_lens
 from pytest_spinal.checkpoints import load_checkpoint
 from pytest_spinal.errors import TraceError
-from pytest_spinal.metrics import contraction, fisher_rao
+from pytest_spinal.metrics import contraction, fisher_rao, singular_values_from_gram
 from pytest_spinal.probes import encode_probes, load_probes
 from pytest_spinal.trace import SCHEMA_VERSION, TraceSettings
 from pytest_spinal.tracing import trace_checkpoint
@@ -277,21 +277,69 @@ def test_invalid_sizes_rejected(batch_size, chunk_size, tiny_model):
 # Memory
 
 
-def test_lens_rows_bounded_by_chunk(tiny_model, monkeypatch):
-    # The lens must never see layers x tokens rows at once, only up to chunk_size positions.
+def test_lens_rows_bounded_by_chunk_and_held_in_two_buffers(tiny_model, monkeypatch):
+    # The lens must never see layers x tokens rows at once, only up to chunk_size positions,
+    # and its vocabulary-sized rows must live in the same two buffers throughout.
     rows_per_call = []
-    original_logits = LogitLens.logits
+    storages = set()
+    original = LogitLens.root_probs
 
-    def recording_logits(self, states, *, normalised):
+    def recording(self, states, **options):
         rows_per_call.append(states.reshape(-1, states.shape[-1]).shape[0])
-        return original_logits(self, states, normalised=normalised)
+        roots = original(self, states, **options)
+        storages.add(roots.untyped_storage().data_ptr())
+        return roots
 
-    monkeypatch.setattr(LogitLens, "logits", recording_logits)
+    monkeypatch.setattr(LogitLens, "root_probs", recording)
     trace = trace_checkpoint(tiny_model("llama"), device="cpu", chunk_size=32)
 
-    assert max(rows_per_call) <= 32
+    # Positions carry over between batches, so only the last chunk is shorter.
+    last_chunk = trace.probes["positions_traced"] % 32
+    assert set(rows_per_call[: -(NUM_LAYERS + 1)]) == {32}
+    assert set(rows_per_call[-(NUM_LAYERS + 1) :]) == {last_chunk or 32}
     # Each traced position goes through the lens once per layer, 0..L.
     assert sum(rows_per_call) == (NUM_LAYERS + 1) * trace.probes["positions_traced"]
+    assert len(storages) == 2
+
+
+@pytest.mark.parametrize("layers", [1, 4, 5])
+def test_gram_sums_share_matrices_between_layer_pairs(layers):
+    from pytest_spinal.tracing import _GramSums
+
+    generator = torch.Generator().manual_seed(3)
+    # Batches of 300 and 40 rows: the first spans two staging blocks of 256 rows.
+    batches = [[torch.randn(rows, 12, generator=generator) for _ in range(layers)] for rows in (300, 40)]
+    sums = _GramSums(layers)
+    for batch in batches:
+        for layer, states in enumerate(batch):
+            sums.add(layer, states)
+
+    assert len(sums.pairs) == (layers + 1) // 2
+    for layer in range(layers):
+        states = torch.cat([batch[layer] for batch in batches]).double()
+        gram, triangle = sums.gram(layer)
+        kept = gram.triu() if triangle == "U" else gram.tril()
+        torch.testing.assert_close(kept, (states.T @ states).triu() if triangle == "U" else (states.T @ states).tril())
+        torch.testing.assert_close(
+            singular_values_from_gram(gram, triangle=triangle), torch.linalg.svdvals(states), rtol=1e-9, atol=1e-9
+        )
+
+
+def test_lens_queue_fills_chunks_across_batches_in_order():
+    from pytest_spinal.tracing import _LensQueue
+
+    queue = _LensQueue(chunk_size=4)
+    positions = torch.arange(17.0)
+    chunks = []
+    for begin, end in [(0, 5), (5, 8), (8, 17)]:
+        batch = positions[begin:end]
+        chunks += list(queue.push([batch, batch * 10]))
+    chunks += list(queue.rest())
+
+    assert [len(chunk[0]) for chunk in chunks] == [4, 4, 4, 4, 1]
+    assert torch.equal(torch.cat([chunk[0] for chunk in chunks]), positions)
+    assert torch.equal(torch.cat([chunk[1] for chunk in chunks]), positions * 10)
+    assert list(queue.rest()) == []
 
 
 def test_trace_turns_tf32_off_then_restores(monkeypatch):
@@ -301,13 +349,13 @@ def test_trace_turns_tf32_off_then_restores(monkeypatch):
     previous = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = True
     seen = []
-    original = LogitLens.logits
+    original = LogitLens.root_probs
 
-    def recording_logits(self, states, *, normalised):
+    def recording(self, states, **options):
         seen.append(torch.backends.cuda.matmul.allow_tf32)
-        return original(self, states, normalised=normalised)
+        return original(self, states, **options)
 
-    monkeypatch.setattr(LogitLens, "logits", recording_logits)
+    monkeypatch.setattr(LogitLens, "root_probs", recording)
     try:
         trace_checkpoint(tiny_model_path("gpt2"), device="cpu")
         restored = torch.backends.cuda.matmul.allow_tf32
@@ -332,14 +380,3 @@ def test_streamed_gram_matches_kept_states(family, tiny_model, default_trace):
     assert streamed.transport == with_states.transport
 
 
-@pytest.mark.parametrize(
-    ("total", "chunk_size", "sizes"),
-    [(10, 4, [3, 3, 4]), (8, 4, [4, 4]), (3, 256, [3]), (257, 256, [128, 129]), (0, 4, [])],
-)
-def test_equal_chunks(total, chunk_size, sizes):
-    from pytest_spinal.tracing import _equal_chunks
-
-    chunks = _equal_chunks(total, chunk_size)
-
-    assert [chunk.stop - chunk.start for chunk in chunks] == sizes
-    assert [chunk.start for chunk in chunks] == [sum(sizes[:index]) for index in range(len(sizes))]
