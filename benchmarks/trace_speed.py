@@ -147,9 +147,8 @@ def run_worker(kind: str, folder: Path, token_file: Path, repeats: int) -> dict:
         if needed > PEER_LIMIT_BYTES:
             return {"skipped": f"its lens would hold {needed / 2**30:.1f} GiB at once"}
 
-    # Loading and preparing leave freed memory and a high-water mark of their own; hand the
-    # freed memory back and restart the mark, so that the peak is the measurement's. Weights
-    # mapped from the safetensors file become resident when first read, so read them first.
+    # Weights mapped from the safetensors file become resident when first read, so read them now.
+    # Then hand freed memory back and restart the high-water mark, so the peak is the measurement's own.
     with torch.inference_mode():
         for parameter in model.parameters():
             parameter.sum()

@@ -36,6 +36,12 @@ FAMILIES: dict[str, FamilyLayout] = {
 }
 
 
+#: Largest magnitude of a row's largest half logit for which the lens skips the shift before
+#: the exponential: exp(2 * 30) times a vocabulary of 2**20 entries is about 1e32, far below the
+#: float32 maximum of 3.4e38, and exp(-2 * 30) is far above its smallest normal number, 1.2e-38.
+_UNSHIFTED_HALF_LOGIT = 30.0
+
+
 def supported_families() -> str:
     """Return the supported ``model_type`` values as a comma-separated string."""
     return ", ".join(sorted(FAMILIES))
@@ -83,15 +89,26 @@ class LogitLens:
     ) -> torch.Tensor:
         """Return square roots of next-token probabilities, the input of the Fisher-Rao distance.
 
-        Where the head is a plain bias-free linear layer in the metric dtype and no soft-capping
-        applies (:meth:`fuses_roots`), the roots come from half the logits:
-        ``sqrt(softmax(z))`` is ``exp(z/2 - max(z)/2)`` divided by its Euclidean norm. Halving
-        the states before the product is exact, and the shift, exponential and division then run
-        in place on the product's output. ``out``, from :meth:`roots_buffer` and cut to the
-        states' rows, receives the product, so a caller that reuses two buffers allocates no
-        vocabulary-sized rows after the first. Other heads fall back to a softmax and a square
-        root, and ignore ``out``. Probabilities that underflow to 0 in float32 (below about
-        1e-38) change the distance by far less than float32 rounding.
+        See :meth:`scaled_root_probs` for how they are computed and for ``out``.
+        """
+        roots, norms = self.scaled_root_probs(states, normalised=normalised, dtype=dtype, out=out)
+        return roots.div_(norms)
+
+    def scaled_root_probs(
+        self, states: torch.Tensor, *, normalised: bool, dtype: torch.dtype | None = None, out: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return square roots of next-token probabilities times a positive factor per row, and that factor.
+
+        ``sqrt(p)`` is ``roots / norms``, where ``norms`` has one column. Where the head is a
+        plain bias-free linear layer in the metric dtype and no soft-capping applies
+        (:meth:`fuses_roots`), the roots come from half the logits: ``sqrt(softmax(z))`` is
+        ``exp(z/2 - c)`` divided by its Euclidean norm, for any shift ``c``. Halving the states
+        before the product is exact, and the shift and exponential run in place on the
+        product's output. ``out``, from :meth:`roots_buffer` and cut to the states' rows,
+        receives the product, so a caller that reuses two buffers allocates no
+        vocabulary-sized rows after the first. Other heads take a softmax and a square root,
+        return norms of 1 and ignore ``out``. Probabilities that underflow to 0 in float32
+        (below about 1e-38) change the distance by far less than float32 rounding.
         """
         import torch
 
@@ -99,14 +116,20 @@ class LogitLens:
         if not normalised:
             states = self.final_norm(states)
         if not self.fuses_roots(metric_dtype):
-            return torch.softmax(self._output(states).to(metric_dtype), dim=-1).sqrt_()
+            roots = torch.softmax(self._output(states).to(metric_dtype), dim=-1).sqrt_()
+            return roots, torch.ones((*roots.shape[:-1], 1), dtype=metric_dtype, device=roots.device)
 
         weight = self.head.weight
-        # In-place passes and out= carry no gradient; the lens is a measurement, never trained through.
+        # In-place passes and out= carry no gradient, and the lens is never trained through.
         with torch.no_grad():
             roots = torch.matmul(states.to(device=weight.device, dtype=metric_dtype) * 0.5, weight.T, out=out)
-            roots.sub_(roots.amax(dim=-1, keepdim=True)).exp_()
-            return roots.div_(torch.linalg.vector_norm(roots, dim=-1, keepdim=True))
+            peak = roots.amax(dim=-1, keepdim=True)
+            # Without a shift, exp(z/2) and the sum of its squares stay finite and normal while every
+            # row's largest half logit lies within +-30, so the shift's pass is skipped then.
+            if bool(peak.abs().max() > _UNSHIFTED_HALF_LOGIT):
+                roots.sub_(peak)
+            roots.exp_()
+            return roots, torch.linalg.vector_norm(roots, dim=-1, keepdim=True)
 
     def fuses_roots(self, dtype: torch.dtype) -> bool:
         """Whether :meth:`root_probs` computes roots in ``dtype`` in place from one product."""

@@ -132,15 +132,24 @@ def fisher_rao(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     return fisher_rao_from_roots((log_p.to(dtype) * 0.5).exp(), (log_q.to(dtype) * 0.5).exp())
 
 
-def fisher_rao_from_roots(root_p: torch.Tensor, root_q: torch.Tensor, *, overwrite: bool = False) -> torch.Tensor:
-    """Return the Fisher-Rao distance between rows given as square roots of probabilities.
+def fisher_rao_from_roots(root_p: torch.Tensor, root_q: torch.Tensor) -> torch.Tensor:
+    """Return the Fisher-Rao distance between rows given as square roots of probabilities."""
+    return _distance_from_chord(torch.linalg.vector_norm(root_p - root_q, dim=-1))
 
-    Tracing keeps ``sqrt(p)`` of each layer so that every layer's lens is exponentiated once.
-    With ``overwrite`` the difference is formed in ``root_p``'s memory, which then holds
-    ``root_p - root_q``; tracing uses it for a buffer it reuses next.
+
+def fisher_rao_from_scaled_roots(
+    root_p: torch.Tensor, norm_p: torch.Tensor, root_q: torch.Tensor, norm_q: torch.Tensor
+) -> torch.Tensor:
+    """Return the Fisher-Rao distance between rows given as ``sqrt(p) = root_p / norm_p`` and ``sqrt(q) = root_q / norm_q``.
+
+    The norms have one column. Tracing keeps each layer's roots unscaled, so that each vocabulary
+    row takes one pass for the difference and one for its length. ``root_p`` is overwritten with
+    ``norm_p * (sqrt(p) - sqrt(q))``, because tracing reuses its buffer for the next layer.
     """
-    difference = root_p.sub_(root_q) if overwrite else root_p - root_q
-    chord = torch.linalg.vector_norm(difference, dim=-1)
+    difference = root_p.addcmul_(root_q, norm_p / norm_q, value=-1.0)
+    return _distance_from_chord(torch.linalg.vector_norm(difference, dim=-1) / norm_p.squeeze(-1))
 
+
+def _distance_from_chord(chord: torch.Tensor) -> torch.Tensor:
     # Rounding can push 4 * asin(1) a hair above pi; the distance is bounded by pi.
     return (4.0 * torch.asin((chord * 0.5).clamp(max=1.0))).clamp(max=math.pi)

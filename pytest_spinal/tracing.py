@@ -21,7 +21,7 @@ from pytest_spinal import __version__
 from pytest_spinal.architectures import LogitLens, resolve_lens
 from pytest_spinal.checkpoints import CheckpointSource, LoadedCheckpoint, dispatched_devices, load_checkpoint
 from pytest_spinal.errors import TraceError
-from pytest_spinal.metrics import contraction, fisher_rao_from_roots, singular_values_from_gram, tail_exponent
+from pytest_spinal.metrics import contraction, fisher_rao_from_scaled_roots, singular_values_from_gram, tail_exponent
 from pytest_spinal.probes import EncodedProbes, ProbeSource, encode_probes, load_probes
 from pytest_spinal.trace import DepthTrace, TraceSettings, TraceSpread
 
@@ -49,7 +49,7 @@ class _GramSums:
 
     A Gram matrix is symmetric, so layer ``2k`` keeps its upper triangle and layer ``2k + 1`` its
     strict lower triangle in the same d x d matrix, and the odd layer's diagonal apart: half the
-    memory of one matrix per layer. On a 7B model (d = 4096, 33 layers) that is 2.2 GB rather
+    memory of one matrix per layer. On a 7B model (d = 4096, 33 hidden states) that is 2.3 GB rather
     than 4.4 GB. :meth:`gram` rebuilds one layer's matrix for its spectrum.
     """
 
@@ -80,6 +80,8 @@ class _GramSums:
             block = states[begin : begin + _GRAM_BLOCK_ROWS]
             wide = rows[: block.shape[0]].copy_(block)
             product.addmm_(wide.T, wide)
+        # With a device map, the two layers of a pair can sit on different devices.
+        product = product.to(self.pairs[index].device)
         if layer % 2 == 0:
             self.pairs[index].add_(product.triu_())
         else:
@@ -159,9 +161,9 @@ class _LensQueue:
             else:
                 parts.append([layer[:rows] for layer in piece])
                 self.pieces[0] = [layer[rows:] for layer in piece]
-            taken = min(available, rows)
-            rows -= taken
-            self.rows -= taken
+            count = min(available, rows)
+            rows -= count
+            self.rows -= count
         if len(parts) == 1:
             return parts[0]
         return [torch.cat(layer_parts) for layer_parts in zip(*parts)]
@@ -335,12 +337,15 @@ def _lens_chunk(lens: LogitLens, inputs: list[Any], *, metric_dtype: Any, buffer
     import torch
 
     size = inputs[0].shape[0]
-    previous = lens.root_probs(inputs[0], normalised=False, dtype=metric_dtype, out=_rows_of(buffers[0], size))
+    previous, previous_norms = lens.scaled_root_probs(inputs[0], normalised=False, dtype=metric_dtype, out=_rows_of(buffers[0], size))
     for layer in range(1, lens.num_layers + 1):
         final = layer == lens.num_layers
-        current = lens.root_probs(inputs[layer], normalised=final, dtype=metric_dtype, out=_rows_of(buffers[layer % 2], size))
-        distances[layer - 1].append(fisher_rao_from_roots(previous, current, overwrite=True).to(torch.float64))
-        previous = current
+        current, current_norms = lens.scaled_root_probs(
+            inputs[layer], normalised=final, dtype=metric_dtype, out=_rows_of(buffers[layer % 2], size)
+        )
+        distance = fisher_rao_from_scaled_roots(previous, previous_norms, current, current_norms)
+        distances[layer - 1].append(distance.to(torch.float64))
+        previous, previous_norms = current, current_norms
 
 
 def _rows_of(buffer: Any, rows: int) -> Any:

@@ -189,7 +189,7 @@ def test_root_probs_square_to_probs(family, tiny_model):
     assert lens.fuses_roots(torch.float32) == (family != "gemma2")
 
 
-def test_root_probs_write_into_the_buffer(tiny_model):
+def test_root_probs_fill_buffer(tiny_model):
     model, tokenizer = tiny_model("llama")
     output, _ = run_model(model, tokenizer)
     lens = resolve_lens(model)
@@ -202,7 +202,7 @@ def test_root_probs_write_into_the_buffer(tiny_model):
     torch.testing.assert_close(roots, lens.log_probs(states, normalised=False).mul(0.5).exp())
 
 
-def test_root_probs_stay_exact_where_exponentials_would_underflow(tiny_model):
+def test_root_probs_survive_underflow(tiny_model):
     model, tokenizer = tiny_model("llama")
     output, _ = run_model(model, tokenizer)
     lens = resolve_lens(model)
@@ -216,7 +216,7 @@ def test_root_probs_stay_exact_where_exponentials_would_underflow(tiny_model):
     torch.testing.assert_close(roots.double(), expected, atol=1e-6, rtol=1e-5)
 
 
-def test_root_probs_of_a_bfloat16_head_are_float32(tiny_model):
+def test_root_probs_bfloat16_head_float32(tiny_model):
     model, tokenizer = tiny_model("llama")
     output, _ = run_model(model, tokenizer)
     # A copy, because the fixture's model is shared with other tests.

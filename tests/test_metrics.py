@@ -15,6 +15,7 @@ from pytest_spinal.errors import TraceError
 from pytest_spinal.metrics import (
     contraction,
     fisher_rao,
+    fisher_rao_from_scaled_roots,
     numerical_rank,
     singular_values,
     tail_exponent,
@@ -154,6 +155,20 @@ def test_fisher_rao_nearly_equal_float32(vocabulary):
 
 def log_probabilities(*probabilities: float, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     return torch.tensor(probabilities, dtype=dtype).log()
+
+
+@settings(deadline=None, max_examples=60)
+@given(log_distributions(), st.floats(1e-3, 1e3), st.floats(1e-3, 1e3))
+def test_scaled_roots_match_fisher_rao(pair, scale_p, scale_q):
+    log_p, log_q = pair
+    norm_p = torch.tensor([[scale_p]], dtype=torch.float64)
+    norm_q = torch.tensor([[scale_q]], dtype=torch.float64)
+    root_p = (log_p * 0.5).exp()[None] * norm_p
+    root_q = (log_q * 0.5).exp()[None] * norm_q
+
+    distance = fisher_rao_from_scaled_roots(root_p, norm_p, root_q, norm_q)
+
+    assert distance.item() == pytest.approx(fisher_rao(log_p, log_q).item(), abs=1e-12)
 
 
 def test_fisher_rao_half_against_point():

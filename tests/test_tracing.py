@@ -277,20 +277,20 @@ def test_invalid_sizes_rejected(batch_size, chunk_size, tiny_model):
 # Memory
 
 
-def test_lens_rows_bounded_by_chunk_and_held_in_two_buffers(tiny_model, monkeypatch):
+def test_lens_rows_chunked_in_two_buffers(tiny_model, monkeypatch):
     # The lens must never see layers x tokens rows at once, only up to chunk_size positions,
     # and its vocabulary-sized rows must live in the same two buffers throughout.
     rows_per_call = []
     storages = set()
-    original = LogitLens.root_probs
+    original = LogitLens.scaled_root_probs
 
     def recording(self, states, **options):
         rows_per_call.append(states.reshape(-1, states.shape[-1]).shape[0])
-        roots = original(self, states, **options)
+        roots, norms = original(self, states, **options)
         storages.add(roots.untyped_storage().data_ptr())
-        return roots
+        return roots, norms
 
-    monkeypatch.setattr(LogitLens, "root_probs", recording)
+    monkeypatch.setattr(LogitLens, "scaled_root_probs", recording)
     trace = trace_checkpoint(tiny_model("llama"), device="cpu", chunk_size=32)
 
     # Positions carry over between batches, so only the last chunk is shorter.
@@ -303,7 +303,7 @@ def test_lens_rows_bounded_by_chunk_and_held_in_two_buffers(tiny_model, monkeypa
 
 
 @pytest.mark.parametrize("layers", [1, 4, 5])
-def test_gram_sums_share_matrices_between_layer_pairs(layers):
+def test_gram_sums_pair_layers(layers):
     from pytest_spinal.tracing import _GramSums
 
     generator = torch.Generator().manual_seed(3)
@@ -325,7 +325,7 @@ def test_gram_sums_share_matrices_between_layer_pairs(layers):
         )
 
 
-def test_lens_queue_fills_chunks_across_batches_in_order():
+def test_lens_queue_fills_chunks_in_order():
     from pytest_spinal.tracing import _LensQueue
 
     queue = _LensQueue(chunk_size=4)
@@ -349,13 +349,13 @@ def test_trace_turns_tf32_off_then_restores(monkeypatch):
     previous = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = True
     seen = []
-    original = LogitLens.root_probs
+    original = LogitLens.scaled_root_probs
 
     def recording(self, states, **options):
         seen.append(torch.backends.cuda.matmul.allow_tf32)
         return original(self, states, **options)
 
-    monkeypatch.setattr(LogitLens, "root_probs", recording)
+    monkeypatch.setattr(LogitLens, "scaled_root_probs", recording)
     try:
         trace_checkpoint(tiny_model_path("gpt2"), device="cpu")
         restored = torch.backends.cuda.matmul.allow_tf32
