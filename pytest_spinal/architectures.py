@@ -37,8 +37,8 @@ FAMILIES: dict[str, FamilyLayout] = {
 
 
 #: Largest magnitude of a row's largest half logit for which the lens skips the shift before
-#: the exponential: exp(2 * 30) times a vocabulary of 2**20 entries is about 1e32, far below the
-#: float32 maximum of 3.4e38, and exp(-2 * 30) is far above its smallest normal number, 1.2e-38.
+#: the exponential. Then exp(2 * 30) times a vocabulary of 2**20 entries is about 1e32, far below
+#: the float32 maximum of 3.4e38, and exp(-2 * 30) is far above its smallest normal number.
 _UNSHIFTED_HALF_LOGIT = 30.0
 
 
@@ -132,7 +132,7 @@ class LogitLens:
             return roots, torch.linalg.vector_norm(roots, dim=-1, keepdim=True)
 
     def fuses_roots(self, dtype: torch.dtype) -> bool:
-        """Whether :meth:`root_probs` computes roots in ``dtype`` in place from one product."""
+        """Return whether :meth:`scaled_root_probs` computes roots in ``dtype`` in place from one product."""
         import torch
 
         # accelerate's hooks (device maps, offloading) place or load the weight only inside the
