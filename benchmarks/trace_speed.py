@@ -191,7 +191,7 @@ def peak_rss_bytes() -> int:
 
 
 def reset_peak_rss() -> bool:
-    """Restart the high-water mark at the current resident set (Linux 4.0 and later); say whether that worked."""
+    """Restart the high-water mark at the current resident set (Linux 4.0 and later) and return whether that worked."""
     try:
         with open("/proc/self/clear_refs", "w", encoding="ascii") as refs:
             refs.write("5")
@@ -385,7 +385,7 @@ def render_row(label: str, kinds: dict) -> str:
 
 
 def render_memory_row(label: str, kinds: dict) -> str:
-    """One row of the memory table: the bound is the trace's own start, plus the forward pass's rise, plus two chunks."""
+    """Format one row of the memory table. The bound is the trace's own start, plus the forward pass's rise, plus two chunks."""
     forward, trace, peer = kinds["roofline_forward"], kinds["trace"], kinds["peer"]
     if "peak_rss" not in forward or "peak_rss" not in trace:
         return f"| {label} | - | - | - | - | - | - | - | - |"
