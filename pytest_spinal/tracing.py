@@ -49,8 +49,8 @@ class _GramSums:
 
     A Gram matrix is symmetric, so layer ``2k`` keeps its upper triangle and layer ``2k + 1`` its
     strict lower triangle in the same d x d matrix, and the odd layer's diagonal apart: half the
-    memory of one matrix per layer. On a 7B model (d = 4096, 33 hidden states) that is 2.3 GB rather
-    than 4.4 GB. :meth:`gram` rebuilds one layer's matrix for its spectrum.
+    memory of one matrix per layer. On a 7B model (d = 4096, 33 hidden states) that is 2.1 GiB rather
+    than 4.1 GiB. :meth:`gram` rebuilds one layer's matrix for its spectrum.
     """
 
     def __init__(self, layers: int) -> None:
