@@ -31,7 +31,7 @@ from pathlib import Path
 
 from spinal_variants import save_as_safetensors
 
-from pytest_spinal.tracing import DEFAULT_CHUNK_SIZE
+from pytest_spinal.tracing import DEFAULT_CHUNK_SIZE, _GramSums
 
 KINDS = ("load", "forward", "roofline_forward", "roofline_head", "roofline_spectra", "trace", "peer")
 DEFAULT_SWEEP = (256, 1024, 4096)
@@ -169,14 +169,8 @@ def run_worker(kind: str, folder: Path, token_file: Path, repeats: int) -> dict:
         "peak_rss": peak_rss_bytes(),
         "peak_is_own": peak_is_own,
         "chunk_bytes": DEFAULT_CHUNK_SIZE * model.config.vocab_size * 4,
-        "gram_bytes": gram_sum_bytes(model.config.num_hidden_layers + 1, model.config.hidden_size),
+        "gram_bytes": _GramSums.nbytes(model.config.num_hidden_layers + 1, model.config.hidden_size),
     }
-
-
-def gram_sum_bytes(layers: int, width: int) -> int:
-    """Memory of the trace's float64 Gram sums: one d x d matrix per two layers, a diagonal per pair."""
-    pairs = (layers + 1) // 2
-    return pairs * (width * width + width) * 8
 
 
 def current_rss_bytes() -> int:
@@ -184,7 +178,7 @@ def current_rss_bytes() -> int:
 
 
 def peak_rss_bytes() -> int:
-    """The resident set's high-water mark: since :func:`reset_peak_rss` where that worked, else since the start."""
+    """Return the resident set's high-water mark, since :func:`reset_peak_rss` where that worked, else since the start."""
     peak = _status_kib("VmHWM:") * 1024
     # Linux reports ru_maxrss in KiB.
     return peak or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -54,7 +54,7 @@ class _GramSums:
     """
 
     def __init__(self, layers: int) -> None:
-        self.pairs: list[Any] = [None] * ((layers + 1) // 2)
+        self.pairs: list[Any] = [None] * _pair_count(layers)
         self.diagonals: list[Any] = [None] * len(self.pairs)
         # Per device: a block of float64 rows and a d x d product, reused for every batch and layer
         # so that the sums allocate nothing per batch (temporaries of a new size in every batch
@@ -88,14 +88,23 @@ class _GramSums:
             self.diagonals[index].add_(product.diagonal())
             self.pairs[index].add_(product.tril_(-1))
 
+    @staticmethod
+    def nbytes(layers: int, width: int) -> int:
+        """Return the memory of the sums for ``layers`` layers of ``width`` features: a d x d matrix and a diagonal per pair."""
+        return _pair_count(layers) * (width * width + width) * 8
+
     def gram(self, layer: int) -> tuple[Any, str]:
-        """Return a matrix holding ``layer``'s Gram matrix in one triangle, and which triangle (``"U"`` or ``"L"``)."""
+        """Return a matrix containing ``layer``'s Gram matrix in one triangle, and which triangle (``"U"`` or ``"L"``)."""
         pair = self.pairs[layer // 2]
         if layer % 2 == 0:
             return pair, "U"
         lower = pair.clone()
         lower.diagonal().copy_(self.diagonals[layer // 2])
         return lower, "L"
+
+
+def _pair_count(layers: int) -> int:
+    return (layers + 1) // 2
 
 
 @dataclass
@@ -168,6 +177,7 @@ class _LensQueue:
         if len(parts) == 1:
             return parts[0]
         return [torch.cat(layer_parts) for layer_parts in zip(*parts)]
+
 
 def trace_checkpoint(
     checkpoint: CheckpointSource,

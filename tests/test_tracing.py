@@ -328,6 +328,18 @@ def test_gram_sums_pair_layers(layers):
         )
 
 
+@pytest.mark.parametrize(("layers", "width"), [(5, 16), (31, 24)])
+def test_gram_sums_nbytes_match_allocation(layers, width):
+    from pytest_spinal.tracing import _GramSums
+
+    sums = _GramSums(layers)
+    for layer in range(layers):
+        sums.add(layer, torch.ones(3, width))
+    allocated = sum(tensor.numel() * tensor.element_size() for tensor in sums.pairs + sums.diagonals)
+
+    assert _GramSums.nbytes(layers, width) == allocated
+
+
 def test_lens_queue_fills_chunks_in_order():
     from pytest_spinal.tracing import _LensQueue
 
@@ -336,13 +348,13 @@ def test_lens_queue_fills_chunks_in_order():
     chunks = []
     for begin, end in [(0, 5), (5, 8), (8, 17)]:
         batch = positions[begin:end]
-        chunks += list(queue.push([batch, batch * 10]))
-    chunks += list(queue.rest())
+        chunks += queue.push([batch, batch * 10])
+    chunks += queue.rest()
 
     assert [len(chunk[0]) for chunk in chunks] == [4, 4, 4, 4, 1]
     assert torch.equal(torch.cat([chunk[0] for chunk in chunks]), positions)
     assert torch.equal(torch.cat([chunk[1] for chunk in chunks]), positions * 10)
-    assert list(queue.rest()) == []
+    assert queue.rest() == []
 
 
 def test_trace_turns_tf32_off_then_restores(monkeypatch):
