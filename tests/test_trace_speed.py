@@ -20,10 +20,12 @@ def test_memory_row_checks_bound():
 
     row = trace_speed.render_memory_row("probes", kinds)
 
-    # bound = 510 at start + 100 forward rise + 96 for two chunks
-    assert row == "| probes | 510 | 100 | 96 | 706 | 41 | 700 | yes | its lens would hold 15.9 GiB at once |"
+    # bound = 510 at start + 100 forward rise + 96 for two chunks; with the Gram sums 747
+    assert row == "| probes | 510 | 100 | 96 | 706 | 41 | 700 | yes (6 below) | yes (47 below) | its lens would hold 15.9 GiB at once |"
+    kinds["trace"]["peak_rss"] = 730 * MIB
+    assert "| no (24 above) | yes (17 below) |" in trace_speed.render_memory_row("probes", kinds)
     kinds["trace"]["peak_rss"] = 800 * MIB
-    assert "| no (+94) |" in trace_speed.render_memory_row("probes", kinds)
+    assert "| no (94 above) | no (53 above) |" in trace_speed.render_memory_row("probes", kinds)
     kinds["trace"]["peak_is_own"] = False
     assert "unknown: the peak could not be reset" in trace_speed.render_memory_row("probes", kinds)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import platform
+import weakref
 
 import pytest
 import torch
@@ -279,19 +280,37 @@ def test_invalid_sizes_rejected(batch_size, chunk_size, tiny_model):
 
 def test_lens_rows_chunked_in_two_buffers(tiny_model, monkeypatch):
     # The lens must never see layers x tokens rows at once, only up to chunk_size positions,
-    # and its vocabulary-sized rows must live in the same two buffers throughout.
+    # and its vocabulary-sized rows must live in two buffers, freed before each forward pass.
     rows_per_call = []
-    storages = set()
-    original = LogitLens.scaled_root_probs
+    buffers = []
+    original_roots, original_buffer = LogitLens.scaled_root_probs, LogitLens.roots_buffer
 
-    def recording(self, states, **options):
+    def live_buffers():
+        return [buffer for buffer in (reference() for reference in buffers) if buffer is not None]
+
+    def recording_buffer(self, rows, dtype):
+        assert len(live_buffers()) < 2
+        buffer = original_buffer(self, rows, dtype)
+        buffers.append(weakref.ref(buffer))
+        return buffer
+
+    def recording_roots(self, states, **options):
         rows_per_call.append(states.reshape(-1, states.shape[-1]).shape[0])
-        roots, norms = original(self, states, **options)
-        storages.add(roots.untyped_storage().data_ptr())
+        roots, norms = original_roots(self, states, **options)
+        assert roots.untyped_storage().data_ptr() in {buffer.untyped_storage().data_ptr() for buffer in live_buffers()}
         return roots, norms
 
-    monkeypatch.setattr(LogitLens, "scaled_root_probs", recording)
-    trace = trace_checkpoint(tiny_model("llama"), device="cpu", chunk_size=32)
+    def no_buffer_alive(module, args, kwargs):
+        assert live_buffers() == [], "a vocabulary-sized buffer is alive during a forward pass"
+
+    monkeypatch.setattr(LogitLens, "roots_buffer", recording_buffer)
+    monkeypatch.setattr(LogitLens, "scaled_root_probs", recording_roots)
+    model, tokenizer = tiny_model("llama")
+    hook = resolve_lens(model).decoder.register_forward_pre_hook(no_buffer_alive, with_kwargs=True)
+    try:
+        trace = trace_checkpoint((model, tokenizer), device="cpu", chunk_size=32, spread=False)
+    finally:
+        hook.remove()
 
     # Positions carry over between batches, so only the last chunk is shorter.
     last_chunk = trace.probes["positions_traced"] % 32
@@ -299,7 +318,21 @@ def test_lens_rows_chunked_in_two_buffers(tiny_model, monkeypatch):
     assert set(rows_per_call[-(NUM_LAYERS + 1) :]) == {last_chunk or 32}
     # Each traced position goes through the lens once per layer, 0..L.
     assert sum(rows_per_call) == (NUM_LAYERS + 1) * trace.probes["positions_traced"]
-    assert len(storages) == 2
+    # Two buffers per batch with full chunks, plus two for the last chunk.
+    assert len(buffers) % 2 == 0
+    assert 2 < len(buffers) <= 2 * (math.ceil(DEFAULT_PROMPTS / 8) + 1)
+
+
+def test_trace_returns_freed_heap_once_per_batch(tiny_model, monkeypatch):
+    from pytest_spinal import tracing
+
+    if platform.libc_ver()[0] == "glibc":
+        assert tracing._malloc_trim() is not None
+    calls = []
+    monkeypatch.setattr(tracing, "_malloc_trim", lambda: calls.append)
+    trace_checkpoint(tiny_model("gpt2"), device="cpu", batch_size=16, spread=False)
+
+    assert calls == [0] * math.ceil(DEFAULT_PROMPTS / 16)
 
 
 @pytest.mark.parametrize("layers", [1, 4, 5])
@@ -340,20 +373,27 @@ def test_gram_sums_nbytes_match_allocation(layers, width):
     assert _GramSums.nbytes(layers, width) == allocated
 
 
-def test_lens_queue_fills_chunks_in_order():
+@pytest.mark.parametrize("compact", [True, False])
+def test_lens_queue_fills_chunks_in_order(compact):
     from pytest_spinal.tracing import _LensQueue
 
-    queue = _LensQueue(chunk_size=4)
+    queue = _LensQueue(chunk_size=4, compact=compact)
     positions = torch.arange(17.0)
     chunks = []
     for begin, end in [(0, 5), (5, 8), (8, 17)]:
-        batch = positions[begin:end]
+        batch = positions[begin:end].clone()
         chunks += queue.push([batch, batch * 10])
+        # Rows left over from a batch are copied out of it only when compacting.
+        if queue.pieces:
+            shares_batch = queue.pieces[-1][0].untyped_storage().data_ptr() == batch.untyped_storage().data_ptr()
+            assert shares_batch is not compact
     chunks += queue.rest()
 
-    assert [len(chunk[0]) for chunk in chunks] == [4, 4, 4, 4, 1]
-    assert torch.equal(torch.cat([chunk[0] for chunk in chunks]), positions)
-    assert torch.equal(torch.cat([chunk[1] for chunk in chunks]), positions * 10)
+    assert [sum(len(part) for part in chunk[0]) for chunk in chunks] == [4, 4, 4, 4, 1]
+    # The chunk 4..7 spans the first two batches: one part from each.
+    assert [len(chunk[0]) for chunk in chunks] == [1, 2, 1, 1, 1]
+    assert torch.equal(torch.cat([part for chunk in chunks for part in chunk[0]]), positions)
+    assert torch.equal(torch.cat([part for chunk in chunks for part in chunk[1]]), positions * 10)
     assert queue.rest() == []
 
 
