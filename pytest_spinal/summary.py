@@ -45,10 +45,7 @@ def _gate_lines(session: SpinalSession) -> list[str]:
     counts = ", ".join(f"{count} {verdict}" for verdict, count in sorted(verdicts.items()))
 
     ordered = sorted(gates, key=lambda gate: (not gate["verdict"].startswith("failed"), gate["test"]))
-    rows = [
-        (gate["test"], gate["checkpoint"], gate["worst_layer"] or "-", f"{gate['worst_excess']:.2f}" if gate["worst_layer"] else "-", gate["verdict"])
-        for gate in ordered[:MAX_SUMMARY_ROWS]
-    ]
+    rows = [(gate["test"], gate["checkpoint"], *_worst_columns(gate), gate["verdict"]) for gate in ordered[:MAX_SUMMARY_ROWS]]
     table = tabulate(
         rows, headers=("test", "checkpoint", "worst layer", "worst |delta|/allowed", "verdict"), disable_numparse=True
     )
@@ -130,3 +127,11 @@ def _relative(path: Path, root: Path) -> str:
         return str(path.relative_to(root))
     except ValueError:
         return str(path)
+
+
+def _worst_columns(gate: dict) -> tuple[str, str]:
+    """Return the worst layer and its ratio as shown, naming no layer where nothing moved (the ratio shows as 0.00)."""
+    if not gate["worst_layer"]:
+        return "-", "-"
+    ratio = f"{gate['worst_excess']:.2f}"
+    return ("-" if ratio == "0.00" else gate["worst_layer"]), ratio

@@ -74,6 +74,14 @@ def test_summary_lists_failed_gate_first(report_project):
     assert [row.split()[0] for row in rows] == ["test_report.py::test_drifting", "test_report.py::test_steady"]
 
 
+def test_summary_row_of_unmoved_gate(report_project):
+    # The steady trace equals its baseline, so no layer is the worst.
+    result = report_project.runpytest()
+
+    row = next(line for line in result.stdout.lines if line.startswith("test_report.py::test_steady "))
+    assert re.fullmatch(r"test_report.py::test_steady +synthetic +- +0\.00 +passed", row)
+
+
 def test_summary_row_of_failed_gate(report_project):
     result = report_project.runpytest()
 
