@@ -151,8 +151,8 @@ def run_worker(kind: str, folder: Path, token_file: Path, repeats: int) -> dict:
             return {"skipped": f"its lens would hold {needed / 2**30:.1f} GiB at once"}
 
     # Weights mapped from the safetensors file become resident when first read, so read them now.
-    # An untimed run over 256 tokens then makes the runtime's one-time allocations, which are
-    # neither weights nor activations (about 15 MiB stayed in use after a first forward pass and head product).
+    # An untimed run over 256 tokens then triggers the runtime's one-time allocations, which are
+    # neither weights nor activations (here about 15 MiB stayed allocated after the first products).
     # Then hand freed memory back and restart the high-water mark, so the peak is the measurement's own.
     with torch.inference_mode():
         for parameter in model.parameters():

@@ -263,7 +263,8 @@ def trace_loaded(
             prompt_tokens.extend(counts)
             _return_freed_heap()
             chunks = queue.push(inputs)
-            # The queue and the chunks hold what the lens still needs; the rest must not outlive the batch.
+            # The queue and the chunks contain what the lens still needs. Dropping this reference lets
+            # the rest of the batch's states be freed once its chunks are done.
             del inputs
             _lens_chunks(lens, chunks, rows=buffer_rows, metric_dtype=metric_dtype, distances=accumulator.distances)
             del chunks

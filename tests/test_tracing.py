@@ -323,7 +323,7 @@ def test_lens_rows_chunked_in_two_buffers(tiny_model, monkeypatch):
     assert 2 < len(buffers) <= 2 * (math.ceil(DEFAULT_PROMPTS / 8) + 1)
 
 
-def test_trace_returns_freed_heap_once_per_batch(tiny_model, monkeypatch):
+def test_heap_trimmed_once_per_batch(tiny_model, monkeypatch):
     from pytest_spinal import tracing
 
     if platform.libc_ver()[0] == "glibc":
