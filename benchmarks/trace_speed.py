@@ -31,7 +31,7 @@ from pathlib import Path
 
 from spinal_variants import save_as_safetensors
 
-from pytest_spinal.tracing import DEFAULT_CHUNK_SIZE, _GramSums
+from pytest_spinal.tracing import DEFAULT_CHUNK_SIZE, _GramSums, _return_freed_heap
 
 KINDS = ("load", "forward", "roofline_forward", "roofline_head", "roofline_spectra", "trace", "peer")
 DEFAULT_SWEEP = (256, 1024, 4096)
@@ -203,15 +203,11 @@ def reset_peak_rss() -> bool:
 
 
 def release_free_memory() -> None:
-    """Collect garbage and ask glibc to return its free heap memory to the system (a no-op elsewhere)."""
-    import ctypes
+    """Collect garbage and ask glibc to return its free heap memory to the system, as the tracer does (a no-op elsewhere)."""
     import gc
 
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    _return_freed_heap()
 
 
 def _status_kib(field: str) -> int:
