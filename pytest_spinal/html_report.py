@@ -20,6 +20,7 @@ from pytest_spinal import __version__
 from pytest_spinal.compare import TraceComparison
 from pytest_spinal.plots import PLOT_INSTALL_HINT, TRACE_FIGURE_SIZE, DPI, PlottingUnavailable, draw_comparison, require_matplotlib
 from pytest_spinal.report import MAX_TABLE_ROWS
+from pytest_spinal.summary import worst_columns
 
 logger = logging.getLogger(__name__)
 
@@ -148,12 +149,12 @@ def _count_line(gates: list[dict[str, Any]]) -> str:
 def _summary_table(gates: list[dict[str, Any]]) -> str:
     rows = []
     for number, gate in enumerate(gates, start=1):
-        compared = bool(gate["worst_layer"])
+        worst_layer, worst_ratio = worst_columns(gate)
         cells = [
             f'<td><a href="#gate-{number}">{_escape(gate["test"])}</a></td>',
             f"<td>{_escape(gate['checkpoint'])}</td>",
-            f"<td>{_escape(gate['worst_layer'] or '-')}</td>",
-            f'<td class="number">{gate["worst_excess"]:.2f}</td>' if compared else '<td class="number">-</td>',
+            f"<td>{_escape(worst_layer)}</td>",
+            f'<td class="number">{worst_ratio}</td>',
             f"<td>{_escape(gate['verdict'])}</td>",
         ]
         rows.append(f'<tr class="{_row_class(gate)}">{"".join(cells)}</tr>')

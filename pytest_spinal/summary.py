@@ -45,7 +45,7 @@ def _gate_lines(session: SpinalSession) -> list[str]:
     counts = ", ".join(f"{count} {verdict}" for verdict, count in sorted(verdicts.items()))
 
     ordered = sorted(gates, key=lambda gate: (not gate["verdict"].startswith("failed"), gate["test"]))
-    rows = [(gate["test"], gate["checkpoint"], *_worst_columns(gate), gate["verdict"]) for gate in ordered[:MAX_SUMMARY_ROWS]]
+    rows = [(gate["test"], gate["checkpoint"], *worst_columns(gate), gate["verdict"]) for gate in ordered[:MAX_SUMMARY_ROWS]]
     table = tabulate(
         rows, headers=("test", "checkpoint", "worst layer", "worst |delta|/allowed", "verdict"), disable_numparse=True
     )
@@ -129,8 +129,11 @@ def _relative(path: Path, root: Path) -> str:
         return str(path)
 
 
-def _worst_columns(gate: dict) -> tuple[str, str]:
-    """Return the worst layer and its ratio as shown, naming no layer where nothing moved (the ratio shows as 0.00)."""
+def worst_columns(gate: dict) -> tuple[str, str]:
+    """Return a gate's worst layer and its |delta|/allowed ratio as summaries show them.
+
+    No layer is named where nothing moved (the ratio shows as 0.00), and both are "-" where nothing was compared.
+    """
     if not gate["worst_layer"]:
         return "-", "-"
     ratio = f"{gate['worst_excess']:.2f}"

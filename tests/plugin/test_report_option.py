@@ -161,6 +161,17 @@ def test_report_without_matplotlib_text_only(project, monkeypatch):
     assert index.count("Every compared layer is within tolerance.") == 3
 
 
+def test_report_unmoved_gate_names_no_layer(project, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    project.makepyfile(test_synthetic=SYNTHETIC_MODULE)
+
+    project.runpytest("--spinal-report", "report")
+
+    index = read_index(project.path / "report")
+    row = re.search(r"test_synthetic.py::test_gate\[0.0\]</a></td>(.*?)</tr>", index).group(1)
+    assert row == '<td>synthetic</td><td>-</td><td class="number">0.00</td><td>passed</td>'
+
+
 def test_report_path_is_file_usage_error(project):
     project.makepyfile(test_plain="def test_nothing():\n    pass\n")
     (project.path / "report").write_text("not a folder\n", encoding="utf-8")
