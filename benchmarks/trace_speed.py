@@ -144,7 +144,8 @@ def run_worker(kind: str, folder: Path, token_file: Path, repeats: int) -> dict:
     after_load = current_rss_bytes()
 
     measure = MEASUREMENTS[kind]
-    prepared = PREPARATIONS.get(kind, lambda loaded, encoded: None)(loaded, encoded)
+    prepare = PREPARATIONS.get(kind, lambda loaded, encoded: None)
+    prepared = prepare(loaded, encoded)
     if kind == "peer":
         needed = (model.config.num_hidden_layers + 1) * encoded.num_tokens * model.config.vocab_size * 4
         if needed > PEER_LIMIT_BYTES:
@@ -158,7 +159,7 @@ def run_worker(kind: str, folder: Path, token_file: Path, repeats: int) -> dict:
         for parameter in model.parameters():
             parameter.sum()
         warm = EncodedProbes(token_ids=tuple(map(tuple, cut_to_tokens(token_ids, WARM_UP_TOKENS))), source="warm-up", chat_template=True)
-        measure(loaded, warm, PREPARATIONS.get(kind, lambda loaded, encoded: None)(loaded, warm))
+        measure(loaded, warm, prepare(loaded, warm))
         del warm
     release_free_memory()
     start_rss = current_rss_bytes()
